@@ -1,0 +1,1 @@
+"""labfleet_batch."""
