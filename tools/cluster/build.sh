@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Build the test-cluster binaries (etcd, Kubernetes control plane, kwok, Kueue)
+# from Go modules, with CGO disabled.  Idempotent: every component is built
+# into ${LABFLEET_CACHE:-$HOME/.cache/labfleet}/cluster/<component>-<version>/
+# and skipped when that folder is already complete.  The Go module and build
+# caches (GOMODCACHE, GOCACHE) are left at their defaults and kept, so a
+# rebuild after wiping the binary cache takes a few minutes, not half an hour.
+#
+# Usage: tools/cluster/build.sh [--print-dirs] [--force] [component ...]
+#   components: etcd kubernetes kwok kueue helm  (default: etcd kubernetes kwok kueue)
+#   --print-dirs  only print "component=dir" lines for the configured versions
+#   --force       rebuild even if the cached binaries exist
+# Environment:
+#   LABFLEET_CACHE        cache root (default $HOME/.cache/labfleet)
+#   LABFLEET_BUILD_JOBS   go build -p (default 2; keeps peak memory down)
+#   LABFLEET_BUILD_HELM=1 also build helm
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$HERE/versions.env"
+CACHE="${LABFLEET_CACHE:-$HOME/.cache/labfleet}/cluster"
+JOBS="${LABFLEET_BUILD_JOBS:-2}"
+
+declare -A VERSION=(
+  [etcd]="$ETCD_VERSION" [kubernetes]="$K8S_VERSION" [kwok]="$KWOK_VERSION"
+  [kueue]="$KUEUE_VERSION" [helm]="$HELM_VERSION"
+)
+declare -A BINARIES=(
+  [etcd]="etcd"
+  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+  [kwok]="kwok" [kueue]="kueue" [helm]="helm"
+)
+
+dir_of() { echo "$CACHE/$1-${VERSION[$1]}"; }
+
+force=0
+print_dirs=0
+components=()
+for arg in "$@"; do
+  case "$arg" in
+    --force) force=1 ;;
+    --print-dirs) print_dirs=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    etcd|kubernetes|kwok|kueue|helm) components+=("$arg") ;;
+    *) echo "build.sh: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+if [ ${#components[@]} -eq 0 ]; then
+  components=(etcd kubernetes kwok kueue)
+  [ "${LABFLEET_BUILD_HELM:-0}" = 1 ] && components+=(helm)
+fi
+
+if [ "$print_dirs" = 1 ]; then
+  for c in "${components[@]}"; do echo "$c=$(dir_of "$c")"; done
+  exit 0
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+  echo "build.sh: 'go' not found in PATH (need Go >= 1.26 to build etcd $ETCD_VERSION)" >&2
+  exit 3
+fi
+
+mkdir -p "$CACHE"
+# Serialise concurrent builds (make + pytest fixture started together).
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$CACHE/.build.lock"
+  flock 9
+fi
+
+export CGO_ENABLED=0
+log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+is_complete() { [ -f "$(dir_of "$1")/.complete" ]; }
+
+# go_build <module dir> <output> <package> <ldflags>
+go_build() {
+  local moddir="$1" out="$2" pkg="$3" ldflags="$4" timefile="$2.time"
+  local -a timer=()
+  [ -x /usr/bin/time ] && timer=(/usr/bin/time -v -o "$timefile")
+  local start=$SECONDS
+  (cd "$moddir" && "${timer[@]}" go build -p "$JOBS" -trimpath \
+      -ldflags "-s -w $ldflags" -o "$out" "$pkg")
+  local secs=$((SECONDS - start)) rss=""
+  if [ -f "$timefile" ]; then
+    rss=$(awk -F': ' '/Maximum resident set size/ {printf "%.0f MiB", $2/1024}' "$timefile")
+  fi
+  log "  built $(basename "$out") in ${secs}s (peak RSS of largest process: ${rss:-n/a})"
+  printf '%s\t%s\t%ss\t%s\n' "$(basename "$(dirname "$out")")" "$(basename "$out")" "$secs" "${rss:-n/a}" \
+    >>"$CACHE/build-times.tsv"
+}
+
+k8s_ldflags() {
+  local v="${K8S_VERSION}" major minor
+  major="${v#v}"; major="${major%%.*}"
+  minor="${v#v*.}"; minor="${minor%%.*}"
+  local date; date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  local flags="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  echo "$flags"
+}
+
+build_component() {
+  local c="$1" dest tmp moddir
+  dest="$(dir_of "$c")"
+  if [ "$force" = 0 ] && is_complete "$c"; then
+    log "$c ${VERSION[$c]}: cached in $dest"
+    return 0
+  fi
+  moddir="$HERE/go/$c"
+  tmp="$dest.tmp.$$"
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  log "$c ${VERSION[$c]}: downloading modules"
+  (cd "$moddir" && go mod download)
+  case "$c" in
+    etcd)
+      log "$c: building etcd"
+      go_build "$moddir" "$tmp/etcd" go.etcd.io/etcd/server/v3 "" ;;
+    kubernetes)
+      local flags b; flags="$(k8s_ldflags)"
+      for b in ${BINARIES[kubernetes]}; do
+        log "$c: building $b"
+        go_build "$moddir" "$tmp/$b" "k8s.io/kubernetes/cmd/$b" "$flags"
+      done ;;
+    kwok)
+      log "$c: building kwok"
+      go_build "$moddir" "$tmp/kwok" sigs.k8s.io/kwok/cmd/kwok \
+        "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" ;;
+    kueue)
+      log "$c: building kueue manager"
+      go_build "$moddir" "$tmp/kueue" sigs.k8s.io/kueue/cmd/kueue \
+        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+      local src
+      src="$(cd "$moddir" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+      mkdir -p "$tmp/crds"
+      cp "$src"/config/components/crd/bases/*.yaml "$tmp/crds/"
+      chmod -R u+w "$tmp/crds"
+      log "$c: copied $(ls "$tmp/crds" | wc -l) CRDs from $src" ;;
+    helm)
+      log "$c: building helm"
+      go_build "$moddir" "$tmp/helm" helm.sh/helm/v3/cmd/helm \
+        "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" ;;
+  esac
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$tmp/.complete"
+  rm -rf "$dest"
+  mv "$tmp" "$dest"
+  log "$c ${VERSION[$c]}: ready in $dest"
+}
+
+total_start=$SECONDS
+n=0
+for c in "${components[@]}"; do
+  n=$((n + 1))
+  log "component $n/${#components[@]}: $c ${VERSION[$c]}"
+  build_component "$c"
+done
+log "all done in $((SECONDS - total_start))s; binaries under $CACHE"
