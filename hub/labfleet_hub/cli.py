@@ -1,0 +1,192 @@
+"""The ``labfleet`` command: ``up`` runs the single-node platform, ``check-config`` validates.
+
+``labfleet up`` validates the configuration and the catalogue, creates the
+secrets, installs the Node.js pieces it needs (configurable-http-proxy and,
+when enabled, the development identity provider) into a cache outside the
+repository, starts the identity provider, then JupyterHub, and prints the URL
+and the demo accounts once the hub answers. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
+
+CHP_VERSION = "5.3.0"
+DEFAULT_CONFIG = "config/labfleet.yaml"
+
+
+def step(message: str) -> None:
+    """Progress for a person waiting at a terminal."""
+    print(f"==> {message}", flush=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LABFLEET_CACHE") or Path.home() / ".cache" / "labfleet")
+
+
+def ensure_proxy() -> str:
+    """Path of configurable-http-proxy, installed once from npm into the cache."""
+    prefix = cache_dir() / f"configurable-http-proxy-{CHP_VERSION}"
+    binary = prefix / "node_modules" / ".bin" / "configurable-http-proxy"
+    if binary.exists():
+        return str(binary)
+    npm = shutil.which("npm")
+    if not npm:
+        raise SystemExit("labfleet: npm is not installed; the proxy needs Node.js and npm")
+    step(f"installing configurable-http-proxy {CHP_VERSION} into {prefix} (once)")
+    prefix.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix),
+         f"configurable-http-proxy@{CHP_VERSION}"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return str(binary)
+
+
+def demo_accounts(accounts_path: str) -> list[tuple[str, str, list[str]]]:
+    data = yaml.safe_load(Path(accounts_path).read_text()) or {}
+    return [(u["username"], u.get("password", ""), u.get("groups", [])) for u in data.get("users", [])]
+
+
+def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def cmd_check_config(args) -> int:
+    try:
+        values = load_values(args.config)
+    except ConfigError as e:
+        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.config}: valid (catalogue {values['catalogue']}: valid)")
+    return 0
+
+
+def cmd_up(args) -> int:
+    step(f"checking {args.config}")
+    try:
+        values = load_values(args.config)
+    except ConfigError as e:
+        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+        return 1
+    ensure_secrets(values)
+    values = with_secrets(values)
+    hub = values["hub"]
+    state_dir = Path(hub["state_dir"])
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    proxy = ensure_proxy()
+    env = {
+        **os.environ,
+        "LABFLEET_CONFIG": str(Path(args.config).resolve()),
+        "PATH": f"{Path(proxy).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+    idp = None
+    if values["devidp"]["enabled"]:
+        from . import devidp
+
+        step("starting the development identity provider")
+        devidp.ensure_installed()
+        idp = devidp.start(
+            port=values["devidp"]["port"],
+            issuer=values["iam"]["issuer"],
+            accounts_path=values["devidp"]["accounts"],
+            clients=[
+                {
+                    "client_id": values["iam"]["client_id"],
+                    "client_secret": values["secrets"]["client_secret"],
+                    "redirect_uris": [
+                        f"{hub['public_url']}{hub['base_url'].rstrip('/')}/hub/oauth_callback"
+                    ],
+                }
+            ],
+            log_path=log_dir / "devidp.log",
+        )
+
+    config_file = str(resources.files(__package__).joinpath("jupyterhub_config.py"))
+    step(f"starting JupyterHub (log: {log_dir / 'jupyterhub.log'})")
+    with open(log_dir / "jupyterhub.log", "ab") as log:
+        hub_process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", config_file],
+            cwd=state_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(*_):
+        if hub_process.poll() is None:
+            os.killpg(hub_process.pid, signal.SIGTERM)
+            try:
+                hub_process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(hub_process.pid, signal.SIGKILL)
+        if idp is not None:
+            idp.stop()
+
+    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    try:
+        url = f"{hub['public_url']}{hub['base_url'].rstrip('/')}/hub/health"
+        if not wait_for_health(url, hub_process):
+            print(f"labfleet: JupyterHub did not start; see {log_dir / 'jupyterhub.log'}",
+                  file=sys.stderr)
+            stop()
+            return 1
+        print()
+        print(f"labfleet is up: {hub['public_url']}{hub['base_url']}")
+        if values["devidp"]["enabled"]:
+            print("Demo accounts (development identity provider, NOT for production):")
+            for name, password, groups in demo_accounts(values["devidp"]["accounts"]):
+                print(f"  {name:10} password {password:14} groups {', '.join(groups)}")
+        print("Press Ctrl-C to stop.", flush=True)
+        return hub_process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="labfleet", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the single-node platform in the foreground")
+    up.add_argument("--config", default=DEFAULT_CONFIG, help="platform YAML (default: %(default)s)")
+    up.set_defaults(func=cmd_up)
+    check = sub.add_parser("check-config", help="validate the platform YAML and its catalogue")
+    check.add_argument("--config", default=DEFAULT_CONFIG)
+    check.set_defaults(func=cmd_check_config)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""From the platform YAML to JupyterHub configuration.
+
+Three steps, each testable alone:
+
+1. :func:`load_values` reads and validates ``labfleet.yaml`` (and the catalogue
+   it names), fills the defaults and makes paths absolute. Errors are
+   :class:`ConfigError` naming the file and the field.
+2. :func:`with_secrets` adds the secrets kept in the state directory (file
+   reads only; :func:`ensure_secrets` creates them once, mode 0600).
+3. :func:`apply_config` sets traitlets on a JupyterHub config object. It only
+   sets; it reads nothing and mutates nothing else (as The Littlest
+   JupyterHub's configurer does).
+
+``jupyterhub_config.py`` is the three of them in a row.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import sys
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from labfleet_spawner.catalogue import CatalogueError, load_catalogue
+
+from .tokens import CUSTOM_SCOPES, IAM_TOKEN_SCOPE
+
+DEFAULTS: dict[str, Any] = {
+    "hub": {
+        "ip": "127.0.0.1",
+        "port": 8000,
+        "hub_port": 8081,
+        "base_url": "/",
+        "state_dir": ".labfleet",
+        "db_url": "",
+        "admin_users": [],
+        "log_level": "INFO",
+    },
+    "iam": {
+        "client_secret_file": "",
+        "scopes": ["openid", "profile", "email", "offline_access", "wlcg", "wlcg.groups"],
+        "groups_claims": ["groups", "wlcg.groups"],
+        "group_prefix": "",
+        "allowed_groups": ["users"],
+        "admin_groups": [],
+        "token_refresh_margin": 300,
+        "auth_refresh_age": 300,
+        "validate_server_cert": True,
+    },
+    "spawner": {
+        "kind": "local",
+        "storage_root": ".labfleet/storage",
+        "start_timeout": 120,
+        "isolate_users": "auto",
+        "namespace": "labfleet",
+    },
+    "devidp": {"enabled": False, "port": 8900, "accounts": "accounts.yaml"},
+    "proxy": {"api_port": 8001, "command": []},
+}
+_PATH_FIELDS = [
+    ("hub", "state_dir"),
+    ("spawner", "storage_root"),
+    ("devidp", "accounts"),
+    ("iam", "client_secret_file"),
+]
+
+
+class ConfigError(ValueError):
+    """The platform configuration is invalid; the message names file and field."""
+
+
+@cache
+def config_schema() -> dict:
+    return json.loads(resources.files(__package__).joinpath("config.schema.json").read_text())
+
+
+def _merge(defaults: dict, values: dict) -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_values(data: Any, source: str, base_dir: Path) -> dict:
+    """Validate loaded YAML data, apply defaults, resolve paths against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping (hub, iam, catalogue, ...)")
+    validator = jsonschema.Draft202012Validator(config_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        err = errors[0]
+        where = ".".join(map(str, err.absolute_path)) or "(top level)"
+        raise ConfigError(f"{source}: field {where}: {err.message}")
+    values = _merge(DEFAULTS, data)
+    for section, key in _PATH_FIELDS:
+        if values[section][key]:
+            values[section][key] = str((base_dir / values[section][key]).resolve())
+    values["catalogue"] = str((base_dir / values["catalogue"]).resolve())
+    hub = values["hub"]
+    hub.setdefault("public_url", f"http://{hub['ip']}:{hub['port']}")
+    hub["public_url"] = hub["public_url"].rstrip("/")
+    if not hub["db_url"]:
+        hub["db_url"] = f"sqlite:///{Path(hub['state_dir']) / 'jupyterhub.sqlite'}"
+    values["source"] = source
+    return values
+
+
+def load_values(path: str | os.PathLike) -> dict:
+    """Read, validate and complete ``labfleet.yaml``; the catalogue is validated too."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    values = parse_values(data, str(path), path.parent)
+    try:
+        load_catalogue(values["catalogue"])
+    except CatalogueError as e:
+        raise ConfigError(str(e)) from None
+    if values["devidp"]["enabled"] and not Path(values["devidp"]["accounts"]).is_file():
+        raise ConfigError(f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}")
+    return values
+
+
+# -- secrets -------------------------------------------------------------------
+
+_SECRET_FILES = {
+    "client_secret": "iam-client-secret",
+    "crypt_key": "auth-state-crypt-key",
+}
+
+
+def _secret_path(values: dict, name: str) -> Path:
+    if name == "client_secret" and values["iam"]["client_secret_file"]:
+        return Path(values["iam"]["client_secret_file"])
+    return Path(values["hub"]["state_dir"]) / "secrets" / _SECRET_FILES[name]
+
+
+def ensure_secrets(values: dict) -> None:
+    """Create the state directory and any missing secret (mode 0600)."""
+    secret_dir = Path(values["hub"]["state_dir"]) / "secrets"
+    secret_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in _SECRET_FILES:
+        path = _secret_path(values, name)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+
+
+def with_secrets(values: dict) -> dict:
+    """``values`` plus a ``secrets`` section read from the state directory."""
+    found = {}
+    for name in _SECRET_FILES:
+        path = _secret_path(values, name)
+        try:
+            found[name] = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"{values['source']}: secret {name} not readable at {path} ({e.strerror}); "
+                "run `labfleet up` once or create it"
+            ) from None
+    return {**values, "secrets": found}
+
+
+# -- applying ------------------------------------------------------------------
+
+
+def spawner_class_name(values: dict) -> str:
+    return {"local": "LocalGPUSpawner", "kubernetes": "PlatformKubeSpawner"}[
+        values["spawner"]["kind"]
+    ]
+
+
+def apply_config(values: dict, c) -> None:
+    """Set JupyterHub traitlets on ``c`` from completed values (see :func:`with_secrets`)."""
+    hub, iam, spawner, proxy = values["hub"], values["iam"], values["spawner"], values["proxy"]
+    state_dir = Path(hub["state_dir"])
+
+    c.JupyterHub.ip = hub["ip"]
+    c.JupyterHub.port = hub["port"]
+    c.JupyterHub.base_url = hub["base_url"]
+    c.JupyterHub.hub_ip = "127.0.0.1"
+    c.JupyterHub.hub_port = hub["hub_port"]
+    c.JupyterHub.db_url = hub["db_url"]
+    c.JupyterHub.cookie_secret_file = str(state_dir / "jupyterhub_cookie_secret")
+    c.JupyterHub.log_level = hub["log_level"]
+    c.JupyterHub.cleanup_servers = True
+    c.JupyterHub.template_paths = [str(resources.files(__package__).joinpath("templates"))]
+
+    c.JupyterHub.authenticator_class = "iam"
+    a = c.IAMAuthenticator
+    a.issuer = iam["issuer"]
+    a.client_id = iam["client_id"]
+    a.client_secret = values["secrets"]["client_secret"]
+    a.scope = list(iam["scopes"])
+    a.groups_claims = list(iam["groups_claims"])
+    a.group_prefix = iam["group_prefix"]
+    a.allowed_groups = set(iam["allowed_groups"])
+    a.admin_groups = set(iam["admin_groups"])
+    a.admin_users = set(hub["admin_users"])
+    a.token_refresh_margin = iam["token_refresh_margin"]
+    a.auth_refresh_age = iam["auth_refresh_age"]
+    a.validate_server_cert = iam["validate_server_cert"]
+    a.oauth_callback_url = f"{hub['public_url']}{hub['base_url'].rstrip('/')}/hub/oauth_callback"
+    c.CryptKeeper.keys = [values["secrets"]["crypt_key"].encode()]
+
+    # notebooks may fetch a fresh IAM token for their own user, nothing more
+    c.JupyterHub.custom_scopes = CUSTOM_SCOPES
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", f"{IAM_TOKEN_SCOPE}!user"]}]
+    c.Spawner.server_token_scopes = [
+        "access:servers!server",
+        "users:activity!user",
+        f"{IAM_TOKEN_SCOPE}!user",
+    ]
+
+    c.JupyterHub.spawner_class = {"local": "labfleet-local", "kubernetes": "labfleet-kube"}[
+        spawner["kind"]
+    ]
+    s = getattr(c, spawner_class_name(values))
+    s.catalogue_path = values["catalogue"]
+    s.start_timeout = spawner["start_timeout"]
+    s.http_timeout = spawner["start_timeout"]
+    if spawner["kind"] == "local":
+        s.storage_root = spawner["storage_root"]
+        s.isolate_users = spawner["isolate_users"]
+        # the single-user server of this very environment, found without PATH
+        s.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+        s.default_url = "/lab"
+    else:
+        s.namespace = spawner["namespace"]
+
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy['api_port']}"
+    if proxy["command"]:
+        c.ConfigurableHTTPProxy.command = list(proxy["command"])

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything labfleet needs on a fresh machine, installed once and reused:
+# Debian packages (Chromium for the browser tests), the virtualenv with the
+# project installed editable, and the Node.js pieces (installed on demand into
+# ${LABFLEET_CACHE:-~/.cache/labfleet} by the Python code itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '==> %s\n' "$*"; }
+
+want_system=${LABFLEET_SYSTEM_PACKAGES:-chromium}
+missing=()
+for pkg in $want_system; do
+  case $pkg in
+    chromium) command -v chromium >/dev/null || missing+=(chromium) ;;
+    postgresql) ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql) ;;
+    prometheus) command -v prometheus >/dev/null || missing+=(prometheus) ;;
+  esac
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "labfleet: please install these Debian packages: ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+command -v node >/dev/null && command -v npm >/dev/null || {
+  echo "labfleet: Node.js and npm are required (configurable-http-proxy, dev identity provider)" >&2
+  exit 1
+}
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  say "creating the virtualenv .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.labfleet-installed
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing labfleet and its dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
