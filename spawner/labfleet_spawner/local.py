@@ -1,0 +1,475 @@
+"""The local spawner of single-node mode: catalogue profiles, real GPUs, no system users.
+
+:class:`LocalGPUSpawner` is JupyterHub's ``LocalProcessSpawner`` plus:
+
+- the catalogue form and server-side check of :class:`CatalogueSpawnerMixin`;
+- exclusive accelerators: the devices of the chosen profile are taken from
+  one allocator per hub process (GPUs and MIG instances found through NVML,
+  FPGA boards from configuration) *before* any process starts, and given back
+  when the server stops or fails to start. A request that cannot be met is
+  refused with HTTP 503 and a sentence the user can act on; nothing is held;
+- ``CUDA_VISIBLE_DEVICES`` set to the allocated GPU/MIG UUIDs ("" for CPU
+  profiles). This is cooperative, not enforced: a local process can still
+  open any ``/dev/nvidia*``. Use the Kubernetes spawner where users must not
+  be able to reach each other's GPUs;
+- storage under ``storage_root`` (see :mod:`labfleet_spawner.storage`) and,
+  when the hub runs as root, the server running as a uid/gid mapped from the
+  hub database (no ``/etc/passwd`` entries needed), with the user's hub
+  groups as supplementary groups;
+- an environment scrubbed of secrets other than the server's own API token.
+
+CPU and memory of the chosen size are advisory here: they are published
+through JupyterHub's ``cpu_limit``/``mem_limit`` (``CPU_LIMIT``/``MEM_LIMIT``,
+which jupyter-resource-usage displays), not enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
+
+from jupyterhub.spawner import LocalProcessSpawner
+from tornado import web
+from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode
+
+from .base import CatalogueSpawnerMixin
+from .devices import DeviceAllocator, FpgaDevice, NoFreeDevice, cuda_visible_devices
+from .nvml import discover
+from .storage import (
+    DEFAULT_GID_BASE,
+    DEFAULT_UID_BASE,
+    StorageError,
+    StorageLayout,
+    apply_storage,
+    check_group_name,
+    check_id_ranges,
+    mapped_gid,
+    mapped_uid,
+    plan_storage,
+)
+
+#: Names of environment variables that must not reach a notebook (matched anywhere, any case).
+DEFAULT_SECRET_PATTERN = r"SECRET|PASSWORD|PASSWD|PRIVATE_KEY|TOKEN|CRYPT_KEY|API_KEY|CREDENTIAL"
+#: The notebook server's own credentials, which it needs to talk to the hub.
+DEFAULT_SECRET_ALLOWED = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
+
+STATE_DEVICES = "labfleet_devices"
+
+
+def filter_secret_env(
+    env: Mapping[str, str],
+    pattern: str = DEFAULT_SECRET_PATTERN,
+    allowed: Iterable[str] = DEFAULT_SECRET_ALLOWED,
+    secret_values: Iterable[str] = (),
+) -> tuple[dict[str, str], list[str]]:
+    """Drop variables named like secrets, or holding a known secret value.
+
+    Returns ``(kept, dropped_names)``. ``secret_values`` catches a secret under
+    an innocent name (e.g. the hub's OAuth client secret copied into ``FOO``).
+    """
+    name_re = re.compile(pattern, re.IGNORECASE) if pattern else None
+    allowed = set(allowed)
+    values = {v for v in secret_values if v}
+    kept, dropped = {}, []
+    for name, value in env.items():
+        if name not in allowed and (
+            (name_re is not None and name_re.search(name)) or value in values
+        ):
+            dropped.append(name)
+        else:
+            kept[name] = value
+    return kept, sorted(dropped)
+
+
+def _http_error(status: int, message: str, reason: str) -> web.HTTPError:
+    # jupyterhub_message is what the spawn-progress page and the REST API show.
+    error = web.HTTPError(status, "%s", message, reason=reason)
+    error.jupyterhub_message = message
+    return error
+
+
+def _drop_privileges(uid: int, gid: int, groups: list[int], home: str | None):
+    """A ``preexec_fn`` that becomes ``uid``/``gid``; any failure aborts the start."""
+
+    def preexec():
+        # Order matters: groups and gid can only be changed while still root.
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+        if home:
+            os.chdir(home)
+
+    return preexec
+
+
+def _chdir_only(home: str | None):
+    def preexec():
+        if home:
+            os.chdir(home)
+
+    return preexec
+
+
+class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
+    """Single-node spawner: catalogue profiles, exclusive local GPUs, mapped uids."""
+
+    # One allocator and one isolation probe per hub process, shared by every
+    # spawner instance (each user's server has its own instance).
+    _shared_allocator: ClassVar[DeviceAllocator | None] = None
+    _isolation_probes: ClassVar[dict[tuple[str, int, int], bool]] = {}
+
+    storage_root = Unicode(
+        "/srv/labfleet",
+        config=True,
+        help="""Root of the shared filesystem: home/<user>, groups/<group>, public, envs.
+
+        Created on first spawn. Homes are 0700, group directories 2770 (setgid),
+        public 1777, envs 0755 (read-only for users).
+        """,
+    )
+
+    uid_base = Integer(
+        DEFAULT_UID_BASE,
+        config=True,
+        help="""A user's notebook runs as uid ``uid_base + <hub user id>``, with a private
+        group of the same number. Choose a range no local account uses.
+        """,
+    )
+
+    gid_base = Integer(
+        DEFAULT_GID_BASE,
+        config=True,
+        help="""A hub group's directory belongs to gid ``gid_base + <hub group id>``.
+
+        Must not overlap the user range (uid_base + user ids); spawns are refused
+        with a message saying which base to raise if it does.
+        """,
+    )
+
+    isolate_users = Enum(
+        ("auto", True, False),
+        default_value="auto",
+        config=True,
+        help="""Run each notebook as its mapped uid/gid instead of as the hub's user.
+
+        "auto": when the hub runs as root and this Python can be run by an
+        unprivileged uid (checked once per process). True: required; a spawn
+        fails if the hub is not root. False: never (a root hub then starts
+        notebooks as root, with ``--allow-root``; use only on a one-person machine).
+        """,
+    )
+
+    isolation_probe_timeout = Float(
+        30,
+        config=True,
+        help="Seconds to wait for the check that an unprivileged uid can run Python.",
+    )
+
+    fpga_devices = Dict(
+        value_trait=List(Unicode()),
+        key_trait=Unicode(),
+        config=True,
+        help="""FPGA boards per catalogue accelerator name; NVML does not see FPGAs.
+
+        For example ``{"u55c": ["/dev/xclmgmt4352"]}``. Each path is one exclusive
+        board; the allocated paths reach the notebook as LABFLEET_FPGA_DEVICES.
+        Read when the process-wide allocator is created (first spawn).
+        """,
+    )
+
+    nvml_module = Any(
+        None,
+        allow_none=True,
+        config=True,
+        help="The pynvml module to discover GPUs with (None: import pynvml); tests pass a fake.",
+    )
+
+    device_allocator = Instance(
+        DeviceAllocator,
+        allow_none=True,
+        config=True,
+        help="""An allocator to use instead of the process-wide one built from NVML discovery.
+
+        The same object is shared by every spawner given it (tests, embedding).
+        """,
+    )
+
+    env_secret_pattern = Unicode(
+        DEFAULT_SECRET_PATTERN,
+        config=True,
+        help="""Regular expression (case-insensitive, matched anywhere in the name) of
+        environment variables never passed to a notebook, whatever their source.
+        """,
+    )
+
+    env_secret_allowed = List(
+        Unicode(),
+        list(DEFAULT_SECRET_ALLOWED),
+        config=True,
+        help="Variable names exempt from env_secret_pattern: the server's own hub API token.",
+    )
+
+    devices = List(help="Devices held by this server (GPU, MIG or FPGA); not configuration.")
+
+    storage = Instance(StorageLayout, allow_none=True, help="This server's storage layout.")
+
+    isolated = Any(None, allow_none=True, help="Whether this server runs as its mapped uid.")
+
+    # -- the allocator --------------------------------------------------------
+
+    @classmethod
+    def use_allocator(cls, allocator: DeviceAllocator | None) -> None:
+        """Replace (or, with None, forget) the process-wide allocator."""
+        LocalGPUSpawner._shared_allocator = allocator
+
+    @property
+    def allocator(self) -> DeviceAllocator:
+        if self.device_allocator is not None:
+            return self.device_allocator
+        if LocalGPUSpawner._shared_allocator is None:
+            discovery = discover(self.nvml_module, logger=self.log)
+            allocator = DeviceAllocator.from_discovery(discovery, self.fpga_devices)
+            self.log.info(
+                "Local accelerators: %s",
+                ", ".join(f"{d.kind} {d.uuid} ({d.name})" for d in allocator.devices) or "none",
+            )
+            LocalGPUSpawner._shared_allocator = allocator
+        return LocalGPUSpawner._shared_allocator
+
+    @property
+    def device_owner(self) -> str:
+        return f"{self.user.name}/{self.name}"
+
+    def availability(self) -> dict[str, tuple[int, int]]:
+        """Free/total per catalogue accelerator, from memory (NVML is asked once per process)."""
+        return self.allocator.availability(self.catalogue.accelerators.values())
+
+    def _release_devices(self) -> None:
+        released = self.allocator.release(self.device_owner)
+        if released:
+            self.log.info("Released %s from %s", ", ".join(released), self._log_name)
+        self.devices = []
+
+    # -- state across hub restarts ----------------------------------------------
+
+    def get_state(self):
+        state = super().get_state()
+        if self.devices:
+            state[STATE_DEVICES] = [d.uuid for d in self.devices]
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        uuids = state.get(STATE_DEVICES) or []
+        if uuids:
+            restored, problems = self.allocator.restore(self.device_owner, uuids)
+            self.devices = restored
+            for problem in problems:
+                self.log.warning("Restoring devices of %s: %s", self._log_name, problem)
+
+    def clear_state(self):
+        super().clear_state()
+        # Called before each new start, when the process is found dead and after
+        # every stop: the devices go back and the next start decides afresh.
+        self._release_devices()
+        self.storage = None
+        self.isolated = None
+
+    # -- identity and storage -------------------------------------------------
+
+    def _group_ids(self) -> dict[str, int]:
+        """Hub groups of the user that can be directories, with their hub ids."""
+        groups = {}
+        for group in getattr(self.user, "groups", []) or []:
+            try:
+                groups[check_group_name(group.name)] = int(group.id)
+            except StorageError as e:
+                self.log.warning("No group directory for %s: %s", self._log_name, e)
+        return groups
+
+    def plan_layout(self) -> StorageLayout:
+        """This user's storage layout (pure; raises StorageError on unusable names or ids)."""
+        groups = self._group_ids()
+        check_id_ranges(self.uid_base, self.gid_base, self.user.id, groups.values())
+        uid = mapped_uid(self.user.id, self.uid_base)
+        return plan_storage(
+            self.storage_root,
+            self.user.name,
+            uid=uid,
+            gid=uid,  # a private group per user, numbered like the uid
+            groups={name: mapped_gid(gid, self.gid_base) for name, gid in groups.items()},
+        )
+
+    async def _should_isolate(self) -> bool:
+        if self.isolate_users is False:
+            return False
+        is_root = os.geteuid() == 0
+        if self.isolate_users is True:
+            if not is_root:
+                raise _http_error(
+                    500,
+                    "isolate_users is True but the hub does not run as root; "
+                    "run the hub as root or set isolate_users to 'auto'",
+                    reason="Cannot isolate users",
+                )
+            return True
+        return is_root and await self._python_usable_unprivileged()
+
+    async def _python_usable_unprivileged(self) -> bool:
+        """Can a uid with no privileges run this Python? Checked once per process."""
+        # uid_base itself is nobody's uid (hub ids start at 1): a safe probe identity.
+        key = (sys.executable, self.uid_base, self.gid_base)
+        cache = LocalGPUSpawner._isolation_probes
+        if key not in cache:
+            preexec = _drop_privileges(self.uid_base, self.gid_base, [], "/")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    "import jupyterhub",
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    preexec_fn=preexec,
+                )
+                _, err = await asyncio.wait_for(proc.communicate(), self.isolation_probe_timeout)
+                ok, detail = proc.returncode == 0, err.decode(errors="replace").strip()[-300:]
+            except (OSError, subprocess.SubprocessError, TimeoutError) as e:
+                ok, detail = False, str(e)
+            cache[key] = ok
+            if ok:
+                self.log.info("Notebooks run as mapped uids (from %d)", self.uid_base + 1)
+            else:
+                self.log.warning(
+                    "Not isolating users: uid %d cannot run %s (%s); notebooks run as root. "
+                    "Install Python where every user can read it, or set isolate_users=False "
+                    "to silence this.",
+                    self.uid_base,
+                    sys.executable,
+                    detail or "no detail",
+                )
+        return cache[key]
+
+    async def _prepare(self) -> None:
+        """Decide isolation and create the storage; idempotent within one start."""
+        if self.isolated is None:
+            self.isolated = await self._should_isolate()
+        if self.storage is None:
+            try:
+                layout = self.plan_layout()
+                apply_storage(layout, as_root=os.geteuid() == 0)
+            except (StorageError, OSError) as e:
+                self.log.error("Storage for %s: %s", self._log_name, e)
+                raise _http_error(500, f"cannot prepare your storage: {e}", "Storage error") from e
+            self.storage = layout
+
+    async def move_certs(self, paths):
+        """Internal SSL: copy the certificates into the user's home, readable by the user."""
+        await self._prepare()
+        out_dir = self.storage.home / ".jupyterhub" / "jupyterhub-certs"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(mode=0o700, parents=True)
+        moved = {}
+        for key in ("keyfile", "certfile", "cafile"):
+            target = out_dir / os.path.basename(paths[key])
+            # The CA is shared by every server; key and certificate belong to this one.
+            (shutil.copy if key == "cafile" else shutil.move)(paths[key], target)
+            moved[key] = str(target)
+        if self.isolated:
+            for path in (out_dir.parent, out_dir, *moved.values()):
+                os.chown(path, self.storage.uid, self.storage.gid, follow_symlinks=False)
+        return moved
+
+    # -- process --------------------------------------------------------------
+
+    def make_preexec_fn(self, name):
+        home = str(self.storage.home) if self.storage else None
+        if self.isolated and self.storage:
+            layout = self.storage
+            return _drop_privileges(layout.uid, layout.gid, layout.supplementary_gids, home)
+        return _chdir_only(home)
+
+    def user_env(self, env):
+        # LocalProcessSpawner looks the user up with pwd; labfleet users have no passwd entry.
+        env["USER"] = self.user.name
+        if self.storage:
+            env["HOME"] = str(self.storage.home)
+        env["SHELL"] = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+        return env
+
+    def get_args(self):
+        args = list(super().get_args())
+        # jupyter-server refuses to run as root without it.
+        if os.geteuid() == 0 and not self.isolated and "--allow-root" not in args:
+            args.append("--allow-root")
+        return args
+
+    def secret_values(self) -> list[str]:
+        """Known secret values that must not appear in a notebook under any name."""
+        auth = self.authenticator
+        return [str(v) for v in (getattr(auth, "client_secret", None),) if v]
+
+    def get_env(self):
+        env = super().get_env()
+        if self.selection is not None:
+            env.update(self.selection_env())
+        if self.storage is not None:
+            env.update(self.storage.env())
+            if not self.notebook_dir:
+                env["JUPYTERHUB_ROOT_DIR"] = str(self.storage.home)
+        visible = cuda_visible_devices(self.devices)
+        # "" hides every GPU from CUDA; "none" is the container toolkit's word for no GPU.
+        env["CUDA_VISIBLE_DEVICES"] = visible
+        env["NVIDIA_VISIBLE_DEVICES"] = visible or "none"
+        fpgas = [d.uuid for d in self.devices if isinstance(d, FpgaDevice)]
+        if fpgas:
+            env["LABFLEET_FPGA_DEVICES"] = ",".join(fpgas)
+        if self.cpu_limit:
+            env["LABFLEET_CPU_LIMIT"] = str(self.cpu_limit)
+        if self.mem_limit:
+            env["LABFLEET_MEM_LIMIT"] = str(self.mem_limit)
+        env, dropped = filter_secret_env(
+            env, self.env_secret_pattern, self.env_secret_allowed, self.secret_values()
+        )
+        if dropped:
+            self.log.warning(
+                "Not passing secret-looking variables to %s: %s", self._log_name, ", ".join(dropped)
+            )
+        return env
+
+    async def start(self):
+        selection = self.selection or self.apply_selection(self.user_options)
+        # Advisory locally; published as CPU_LIMIT/MEM_LIMIT by Spawner.get_env.
+        self.cpu_limit = float(selection.size.cpu)
+        self.mem_limit = selection.size.memory_bytes
+        self.devices = []
+        if selection.accelerator is not None:
+            try:
+                self.devices = self.allocator.allocate(
+                    self.device_owner, selection.accelerator, selection.count
+                )
+            except NoFreeDevice as e:
+                self.log.warning("Refused %s: %s", self._log_name, e)
+                raise _http_error(503, str(e), reason="No free accelerator") from None
+            self.log.info(
+                "Allocated %s to %s", ", ".join(d.uuid for d in self.devices), self._log_name
+            )
+        try:
+            await self._prepare()
+            return await super().start()
+        except BaseException:
+            # Nothing may stay held by a server that did not start.
+            self._release_devices()
+            raise
+
+    async def stop(self, now=False):
+        try:
+            await super().stop(now=now)
+        finally:
+            self._release_devices()
