@@ -170,9 +170,9 @@ def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None, chown: Cal
     # A symlink here would let whoever planted it redirect chmod/chown elsewhere.
     if path.is_symlink():
         raise StorageError(f"{path} is a symbolic link; refusing to use it")
-    path.mkdir(mode=0o700, exist_ok=True)
-    if not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise StorageError(f"{path} exists and is not a directory")
+    path.mkdir(mode=0o700, exist_ok=True)
     if owner is not None:
         chown(path, *owner)
     # chmod after chown: chown clears the setgid bit; mkdir's mode is masked by the umask.

@@ -1,0 +1,240 @@
+"""LocalGPUSpawner without starting processes: env, secrets, refusal, state, discovery."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from jupyterhub.objects import Hub
+from labfleet_spawner.catalogue import load_catalogue
+from labfleet_spawner.devices import DeviceAllocator
+from labfleet_spawner.local import LocalGPUSpawner, filter_secret_env
+from labfleet_spawner.nvml import Discovery, GpuDevice
+from tornado import web
+from traitlets.config import Config
+
+from tests.unit.test_nvml import FakeNvml, mixed_machine
+
+REPO = Path(__file__).resolve().parents[2]
+CATALOGUE = load_catalogue(REPO / "config" / "catalogue.yaml")
+
+
+def fake_user(name="alice", id=1, groups=("ml",)):
+    return SimpleNamespace(
+        name=name,
+        id=id,
+        escaped_name=name,
+        url=f"/user/{name}/",
+        groups=[SimpleNamespace(name=g, id=i + 10) for i, g in enumerate(groups)],
+    )
+
+
+def two_t4() -> DeviceAllocator:
+    return DeviceAllocator.from_discovery(
+        Discovery((GpuDevice(0, "GPU-t4-0", "Tesla T4"), GpuDevice(1, "GPU-t4-1", "Tesla T4")))
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_allocator():
+    LocalGPUSpawner.use_allocator(None)
+    yield
+    LocalGPUSpawner.use_allocator(None)
+
+
+def make_spawner(tmp_path, allocator=None, user=None, **kwargs):
+    kwargs.setdefault("isolate_users", False)
+    return LocalGPUSpawner(
+        user=user or fake_user(),
+        hub=Hub(),
+        catalogue_data=CATALOGUE,
+        storage_root=str(tmp_path / "srv"),
+        device_allocator=allocator,
+        api_token="the-api-token",
+        oauth_client_id="jupyterhub-user-alice",
+        **kwargs,
+    )
+
+
+def test_filter_secret_env():
+    env = {
+        "PATH": "/usr/bin",
+        "JUPYTERHUB_API_TOKEN": "t",
+        "JPY_API_TOKEN": "t",
+        "OAUTH_CLIENT_SECRET": "s",
+        "IAM_CLIENT_SECRET": "s",
+        "db_password": "p",
+        "SSH_PRIVATE_KEY": "k",
+        "GITHUB_TOKEN": "g",
+        "JUPYTERHUB_CRYPT_KEY": "c",
+        "INNOCENT": "the-client-secret",
+    }
+    kept, dropped = filter_secret_env(env, secret_values=["the-client-secret", ""])
+    assert kept == {"PATH": "/usr/bin", "JUPYTERHUB_API_TOKEN": "t", "JPY_API_TOKEN": "t"}
+    assert dropped == sorted(set(env) - set(kept))
+
+
+def test_traits_are_configurable():
+    config = Config()
+    config.LocalGPUSpawner.storage_root = "/data/labfleet"
+    config.LocalGPUSpawner.uid_base = 500000
+    config.LocalGPUSpawner.fpga_devices = {"u55c": ["/dev/xclmgmt1"]}
+    config.LocalGPUSpawner.catalogue_path = "/etc/labfleet/catalogue.yaml"
+    spawner = LocalGPUSpawner(config=config, user=fake_user(), hub=Hub())
+    assert spawner.storage_root == "/data/labfleet" and spawner.uid_base == 500000
+    assert spawner.fpga_devices == {"u55c": ["/dev/xclmgmt1"]}
+    assert spawner.catalogue_path == "/etc/labfleet/catalogue.yaml"
+    assert spawner.isolate_users == "auto"
+    assert callable(spawner.options_form), "the catalogue form, rendered per request"
+    for name in ("storage_root", "uid_base", "gid_base", "isolate_users", "fpga_devices"):
+        trait = LocalGPUSpawner.class_traits()[name]
+        assert trait.metadata.get("config") and trait.help
+
+
+async def test_env_of_a_gpu_server_has_devices_storage_and_no_secrets(tmp_path):
+    allocator = two_t4()
+
+    class Auth:
+        client_secret = "iam-client-secret"
+
+    spawner = make_spawner(
+        tmp_path,
+        allocator,
+        authenticator=Auth(),
+        environment={
+            "OAUTH_CLIENT_SECRET": "iam-client-secret",
+            "COPIED": "iam-client-secret",
+            "HF_TOKEN": "x",
+            "GREETING": "hello",
+        },
+    )
+    spawner.apply_selection({"profile": "gpu-t4", "count": 2})
+    spawner.devices = allocator.allocate(spawner.device_owner, spawner.selection.accelerator, 2)
+    await spawner._prepare()
+    env = spawner.get_env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-t4-0,GPU-t4-1"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "GPU-t4-0,GPU-t4-1"
+    assert env["LABFLEET_PROFILE"] == "gpu-t4" and env["LABFLEET_ACCELERATOR_COUNT"] == "2"
+    home = str(tmp_path / "srv" / "home" / "alice")
+    assert env["HOME"] == home == env["LABFLEET_HOME"] == env["JUPYTERHUB_ROOT_DIR"]
+    assert env["LABFLEET_GROUP_DIRS"] == str(tmp_path / "srv" / "groups" / "ml")
+    assert env["USER"] == "alice" and env["GREETING"] == "hello"
+    assert env["JUPYTERHUB_API_TOKEN"] == "the-api-token" == env["JPY_API_TOKEN"]
+    assert "iam-client-secret" not in env.values()
+    assert not {"OAUTH_CLIENT_SECRET", "COPIED", "HF_TOKEN"} & set(env)
+
+
+async def test_cpu_profile_hides_all_gpus_and_publishes_limits(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4())
+    spawner.apply_selection({"profile": "cpu", "size": "medium"})
+    spawner.cpu_limit, spawner.mem_limit = 4.0, spawner.selection.size.memory_bytes
+    env = spawner.get_env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["NVIDIA_VISIBLE_DEVICES"] == "none"
+    assert env["CPU_LIMIT"] == "4.0" and env["MEM_LIMIT"] == str(16 * 2**30)
+    assert env["LABFLEET_CPU_LIMIT"] == "4.0"
+
+
+async def test_refused_allocation_starts_nothing_and_holds_nothing(tmp_path):
+    allocator = two_t4()
+    allocator.allocate("bob/", CATALOGUE.accelerators["t4"], 2)
+    spawner = make_spawner(tmp_path, allocator, cmd=["/bin/false-never-run"])
+    spawner.apply_selection({"profile": "gpu-t4"})
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.start()
+    assert refused.value.status_code == 503
+    message = (
+        "no NVIDIA Tesla T4 (16 GB) is free: 2 in total, all in use; try another profile or later"
+    )
+    assert refused.value.jupyterhub_message == message
+    assert spawner.proc is None and spawner.pid == 0
+    assert allocator.held_by(spawner.device_owner) == []
+    assert not (tmp_path / "srv").exists(), "no storage prepared for a refused start"
+
+
+async def test_failed_start_releases_devices(tmp_path):
+    allocator = two_t4()
+    spawner = make_spawner(tmp_path, allocator, cmd=[str(tmp_path / "no-such-program")])
+    spawner.apply_selection({"profile": "gpu-t4"})
+    with pytest.raises(OSError):
+        await spawner.start()
+    assert allocator.held_by(spawner.device_owner) == []
+    assert allocator.free_and_total(CATALOGUE.accelerators["t4"]) == (2, 2)
+
+
+async def test_start_without_apply_validates_user_options(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4())
+    # gpu-a100 is for the ml group only; this user has no groups.
+    spawner.user = fake_user(groups=())
+    spawner.user_options = {"profile": "gpu-a100"}
+    with pytest.raises(web.HTTPError) as rejected:
+        await spawner.start()
+    assert rejected.value.status_code == 400 and "gpu-a100" in rejected.value.log_message
+
+
+def test_state_round_trip_restores_devices(tmp_path):
+    allocator = two_t4()
+    spawner = make_spawner(tmp_path, allocator)
+    spawner.devices = allocator.allocate(spawner.device_owner, CATALOGUE.accelerators["t4"])
+    spawner.pid = 4242
+    state = spawner.get_state()
+    assert state == {"pid": 4242, "labfleet_devices": ["GPU-t4-0"]}
+
+    # A hub restart: a fresh allocator, a fresh spawner loading the saved state.
+    fresh = two_t4()
+    again = make_spawner(tmp_path, fresh)
+    again.load_state(state)
+    assert [d.uuid for d in again.devices] == ["GPU-t4-0"]
+    assert fresh.owner_of("GPU-t4-0") == "alice/"
+    # The server turned out to be gone: clearing its state gives the GPU back.
+    again.clear_state()
+    assert fresh.owner_of("GPU-t4-0") is None and again.devices == []
+
+
+def test_shared_allocator_comes_from_nvml_once(tmp_path):
+    fake = mixed_machine()
+    first = make_spawner(tmp_path, nvml_module=fake, fpga_devices={"u55c": ["/dev/xclmgmt1"]})
+    second = make_spawner(tmp_path, user=fake_user("bob", 2), nvml_module=fake)
+    assert first.allocator is second.allocator
+    assert fake.initialised == 1
+    availability = first.availability()
+    assert availability["t4"] == (2, 2)
+    assert availability["mig-1g.10gb"] == (2, 2)
+    assert availability["rtx5000"] == (1, 1)
+    assert availability["u55c"] == (1, 1)
+    assert availability["a30"] == (0, 0)
+
+
+def test_no_gpu_machine_offers_cpu_only(tmp_path):
+    fake = FakeNvml(init_error=FakeNvml.NVMLError_LibraryNotFound("missing"))
+    spawner = make_spawner(tmp_path, nvml_module=fake)
+    assert set(spawner.availability().values()) == {(0, 0)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--allow-root is only added for a root hub")
+async def test_allow_root_only_when_not_isolated(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4(), args=["--debug"])
+    spawner.isolated = False
+    assert spawner.get_args() == ["--debug", "--allow-root"]
+    spawner.isolated = True
+    assert spawner.get_args() == ["--debug"]
+
+
+async def test_isolation_required_but_not_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    spawner = make_spawner(tmp_path, two_t4(), isolate_users=True)
+    with pytest.raises(web.HTTPError, match="does not run as root"):
+        await spawner._should_isolate()
+    spawner.isolate_users = "auto"
+    assert await spawner._should_isolate() is False
+
+
+async def test_overlapping_id_ranges_refuse_the_start(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4(), uid_base=300000, gid_base=300000)
+    spawner.apply_selection({"profile": "cpu"})
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.start()
+    assert refused.value.status_code == 500
+    assert "cannot prepare your storage" in refused.value.jupyterhub_message
+    assert spawner.proc is None
