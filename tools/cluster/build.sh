@@ -79,7 +79,7 @@ go_build() {
   local -a timer=()
   [ -x /usr/bin/time ] && timer=(/usr/bin/time -v -o "$timefile")
   local start=$SECONDS
-  (cd "$moddir" && "${timer[@]}" go build -p "$JOBS" -trimpath \
+  (cd "$moddir" && "${timer[@]}" go build -p "$JOBS" -trimpath ${GO_EXTRA_FLAGS:-} \
       -ldflags "-s -w $ldflags" -o "$out" "$pkg")
   local secs=$((SECONDS - start)) rss=""
   if [ -f "$timefile" ]; then
@@ -130,13 +130,30 @@ build_component() {
       go_build "$moddir" "$tmp/kwok" sigs.k8s.io/kwok/cmd/kwok \
         "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" ;;
     kueue)
-      log "$c: building kueue manager"
-      go_build "$moddir" "$tmp/kueue" sigs.k8s.io/kueue/cmd/kueue \
-        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
       local src
       src="$(cd "$moddir" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+      # Kueue reads its metrics TLS pair from the fixed path /etc/kueue/metrics/certs
+      # when internal cert management is off.  Out of cluster (and without root)
+      # that path is unusable, so compile cmd/kueue/main.go through a
+      # `go build -overlay` copy that honours $KUEUE_METRICS_CERT_DIR first.
+      # Nothing else changes; the module cache stays untouched.
+      local ov="$tmp/.overlay"
+      mkdir -p "$ov"
+      sed 's|metricsCertPath := "/etc/kueue/metrics/certs"|metricsCertPath := "/etc/kueue/metrics/certs"; if d := os.Getenv("KUEUE_METRICS_CERT_DIR"); d != "" { metricsCertPath = d }|' \
+        "$src/cmd/kueue/main.go" >"$ov/main.go"
+      if ! grep -q KUEUE_METRICS_CERT_DIR "$ov/main.go"; then
+        echo "build.sh: could not patch the metrics cert path in $src/cmd/kueue/main.go" >&2
+        exit 4
+      fi
+      printf '{"Replace":{"%s":"%s"}}\n' "$src/cmd/kueue/main.go" "$ov/main.go" >"$ov/overlay.json"
+      log "$c: building kueue manager (metrics cert dir overridable via KUEUE_METRICS_CERT_DIR)"
+      GO_EXTRA_FLAGS="-overlay=$ov/overlay.json" go_build "$moddir" "$tmp/kueue" sigs.k8s.io/kueue/cmd/kueue \
+        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+      rm -rf "$ov"
       mkdir -p "$tmp/crds"
       cp "$src"/config/components/crd/bases/*.yaml "$tmp/crds/"
+      cp "$src/config/components/webhook/manifests.yaml" "$tmp/webhook-manifests.yaml"
+      chmod u+w "$tmp/webhook-manifests.yaml"
       chmod -R u+w "$tmp/crds"
       log "$c: copied $(ls "$tmp/crds" | wc -l) CRDs from $src" ;;
     helm)

@@ -1,0 +1,102 @@
+"""Fixtures for tests against the real Kubernetes control plane (tools/cluster).
+
+Every test under tests/k8s gets the ``k8s`` marker.  The session fixture
+``k8s_cluster`` starts etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, kwok (fake fleet from tools/cluster/fleet.yaml) and the Kueue
+manager on 127.0.0.1, and stops them at the end of the session.
+
+Missing Go / binaries: skipped on a developer machine, a failure when
+``CI=true``.  Binaries are built with tools/cluster/build.sh when missing.
+
+``LABFLEET_CLUSTER_STATE=DIR`` reuses a cluster started with
+``python tools/cluster/cluster.py up --state DIR`` (not stopped afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from k8s_helpers import clusterlib
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"k8s test cluster unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(f"k8s test cluster unavailable: {reason}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.k8s)
+
+
+@contextlib.contextmanager
+def _live_output(config: pytest.Config) -> Iterator[None]:
+    """Let progress lines through pytest's capture (cold builds take long)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        yield
+        return
+    with capman.global_and_fixture_disabled():
+        yield
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """A running cluster: ``.kubeconfig``, ``.server``, ``.kubectl(...)``, ``.apply(...)``."""
+    reuse = os.environ.get("LABFLEET_CLUSTER_STATE")
+    if reuse:
+        state = Path(reuse)
+        if not (state / "cluster.json").exists():
+            _unavailable(f"LABFLEET_CLUSTER_STATE={reuse} holds no running cluster")
+        yield clusterlib.Cluster.from_state(state)
+        return
+
+    if shutil.which("openssl") is None:
+        _unavailable("'openssl' is not on PATH")
+    if clusterlib.find_binaries() is None and shutil.which("go") is None:
+        _unavailable(
+            f"binaries not built under {clusterlib.cache_root()} and Go is not installed; "
+            "install Go >= 1.26 and run: bash tools/cluster/build.sh"
+        )
+    state = tmp_path_factory.mktemp("k8s-cluster")
+    with _live_output(pytestconfig):
+        try:
+            clusterlib.ensure_binaries(build=True)
+        except clusterlib.BinariesMissing as e:
+            _unavailable(str(e))
+        cluster = clusterlib.start_cluster(state, die_with_parent=True)
+    try:
+        yield cluster
+    finally:
+        with _live_output(pytestconfig):
+            clusterlib.stop_cluster(state)
+        left = clusterlib.cluster_pids(state)
+        assert not left, f"cluster processes left after teardown: {left}"
+
+
+@pytest.fixture
+def k8s_namespace(k8s_cluster) -> Iterator[str]:
+    """A fresh namespace, deleted (without waiting) after the test."""
+    name = "t-" + uuid.uuid4().hex[:8]
+    k8s_cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,46 @@
+"""Helpers shared by the k8s tests: the cluster library and polling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_CLUSTER_PY = ROOT / "tools" / "cluster" / "cluster.py"
+
+
+def _load_cluster_module():
+    name = "labfleet_test_cluster"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, _CLUSTER_PY)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+clusterlib = _load_cluster_module()
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30, interval: float = 0.5) -> Any:
+    """Poll fn until it returns something truthy; fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except (subprocess.SubprocessError, json.JSONDecodeError, clusterlib.ClusterError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")

@@ -1,0 +1,896 @@
+#!/usr/bin/env python3
+"""Local Kubernetes control plane for the labfleet test suite.
+
+Starts, on 127.0.0.1 only and on random free ports:
+
+    etcd -> kube-apiserver -> kube-controller-manager + kube-scheduler
+         -> Kueue CRDs -> kwok (fake nodes from fleet.yaml) -> Kueue manager
+         -> Kueue webhooks (https://127.0.0.1:<port>)
+
+Every process runs in its own process group (session); ``down`` / ``stop``
+signals the groups and verifies that nothing is left.  Binaries come from
+``tools/cluster/build.sh`` (cached under ``$LABFLEET_CACHE/cluster``).
+
+CLI::
+
+    python tools/cluster/cluster.py up   --state DIR [--fleet FILE] [--no-webhooks]
+    python tools/cluster/cluster.py down --state DIR [--purge]
+    python tools/cluster/cluster.py status --state DIR
+
+Library::
+
+    from cluster import start_cluster, stop_cluster
+    c = start_cluster(state_dir)        # -> Cluster(kubeconfig, server, ...)
+    c.kubectl("get", "nodes")
+    stop_cluster(state_dir)
+
+Only the standard library and PyYAML are needed (plus ``openssl`` on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_FLEET = HERE / "fleet.yaml"
+STAGES_FILE = HERE / "kwok-stages.yaml"
+BUILD_SH = HERE / "build.sh"
+
+#: Pod IPs handed out by kwok (must stay inside 127.0.0.0/8).
+POD_CIDR = "127.100.0.1/16"
+#: Required by kube-apiserver; nothing ever dials a service IP here.
+SERVICE_CIDR = "127.96.0.0/16"
+#: kwok's fallback node IP for nodes without status.addresses.
+KWOK_NODE_IP = "127.0.9.1"
+#: Nodes with this annotation are managed by kwok.
+KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+
+COMPONENT_ORDER = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kueue",
+]
+
+Progress = Callable[[str], None]
+
+
+class ClusterError(RuntimeError):
+    """Raised when the cluster cannot be started or stopped cleanly."""
+
+
+class BinariesMissing(ClusterError):
+    """Raised when the component binaries are not built and cannot be built."""
+
+
+# --------------------------------------------------------------------------
+# versions and binaries
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for line in (HERE / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LABFLEET_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "labfleet"
+    )
+    return Path(base) / "cluster"
+
+
+def component_dirs() -> dict[str, Path]:
+    v = versions()
+    root = cache_root()
+    return {
+        "etcd": root / f"etcd-{v['ETCD_VERSION']}",
+        "kubernetes": root / f"kubernetes-{v['K8S_VERSION']}",
+        "kwok": root / f"kwok-{v['KWOK_VERSION']}",
+        "kueue": root / f"kueue-{v['KUEUE_VERSION']}",
+    }
+
+
+@dataclasses.dataclass
+class Binaries:
+    etcd: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    kubectl: Path
+    kwok: Path
+    kueue: Path
+    kueue_crds: Path
+    kueue_webhooks: Path
+
+
+def find_binaries() -> Binaries | None:
+    """Return the cached binaries, or None if any component is incomplete."""
+    d = component_dirs()
+    if not all((p / ".complete").is_file() for p in d.values()):
+        return None
+    k = d["kubernetes"]
+    return Binaries(
+        etcd=d["etcd"] / "etcd",
+        kube_apiserver=k / "kube-apiserver",
+        kube_controller_manager=k / "kube-controller-manager",
+        kube_scheduler=k / "kube-scheduler",
+        kubectl=k / "kubectl",
+        kwok=d["kwok"] / "kwok",
+        kueue=d["kueue"] / "kueue",
+        kueue_crds=d["kueue"] / "crds",
+        kueue_webhooks=d["kueue"] / "webhook-manifests.yaml",
+    )
+
+
+def ensure_binaries(build: bool = True, progress: Progress | None = None) -> Binaries:
+    """Return the binaries, building them with build.sh if missing."""
+    progress = progress or _print
+    b = find_binaries()
+    if b is not None:
+        return b
+    if not build:
+        raise BinariesMissing(
+            f"cluster binaries not built under {cache_root()}; run: bash {BUILD_SH}"
+        )
+    if shutil.which("go") is None:
+        raise BinariesMissing(
+            f"cluster binaries missing under {cache_root()} and no 'go' on PATH "
+            "to build them (need Go >= 1.26)"
+        )
+    progress(f"building cluster binaries with {BUILD_SH} (cold: ~30 min on 2 cores)")
+    r = subprocess.run(["bash", str(BUILD_SH)], stdout=sys.stderr, stderr=sys.stderr)
+    if r.returncode != 0:
+        raise BinariesMissing(f"{BUILD_SH} failed with exit status {r.returncode}")
+    b = find_binaries()
+    if b is None:
+        raise BinariesMissing(f"{BUILD_SH} finished but binaries are incomplete")
+    return b
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+
+def _print(msg: str) -> None:
+    print(f"[cluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def _proc_starttime(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 22 (starttime); the command name (field 2) may contain spaces
+    rest = stat.rsplit(")", 1)[1].split()
+    return rest[19]
+
+
+def _proc_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is pgid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            continue
+        if int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------
+# certificates and kubeconfig
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    if shutil.which("openssl") is None:
+        raise ClusterError("'openssl' not found on PATH (needed to create test certificates)")
+    _run(["openssl", *args], cwd=cwd)
+
+
+def make_pki(pki: Path) -> None:
+    """CA, a serving/client certificate for 127.0.0.1 and a service-account key."""
+    pki.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
+        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=labfleet-test-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        cwd=pki,
+    )
+    (pki / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+    )
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+        "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+        cwd=pki,
+    )
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "30", "-sha256",
+        "-extfile", "server.ext",
+        cwd=pki,
+    )
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    for f in pki.iterdir():
+        if f.suffix == ".key":
+            f.chmod(0o600)
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "labfleet-test",
+                "cluster": {
+                    "server": server,
+                    "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "labfleet-admin", "user": {"token": token}}],
+        "contexts": [
+            {"name": "labfleet-test", "context": {"cluster": "labfleet-test", "user": "labfleet-admin"}}
+        ],
+        "current-context": "labfleet-test",
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.chmod(0o600)
+
+
+# --------------------------------------------------------------------------
+# fleet
+
+
+def load_fleet(path: Path | str = DEFAULT_FLEET) -> list[dict]:
+    """Node manifests (v1 Node dicts, with status) described by fleet.yaml."""
+    spec = yaml.safe_load(Path(path).read_text())
+    defaults = spec.get("defaults", {})
+    nodes = []
+    for n in spec["nodes"]:
+        ip = n["ip"]
+        if ipaddress.ip_address(ip) not in ipaddress.ip_network("127.0.0.0/8"):
+            raise ClusterError(f"fleet node {n['name']}: ip {ip} is outside 127.0.0.0/8")
+        labels = {**defaults.get("labels", {}), "kubernetes.io/hostname": n["name"], **n.get("labels", {})}
+        capacity = {**defaults.get("capacity", {}), **n.get("capacity", {})}
+        allocatable = {**capacity, **n.get("allocatable", {})}
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": n["name"],
+                "labels": {k: str(v) for k, v in labels.items()},
+                "annotations": {
+                    KWOK_NODE_ANNOTATION[0]: KWOK_NODE_ANNOTATION[1],
+                    "node.alpha.kubernetes.io/ttl": "0",
+                    **n.get("annotations", {}),
+                },
+            },
+            "spec": {"taints": n.get("taints", [])},
+            "status": {
+                "capacity": {k: str(v) for k, v in capacity.items()},
+                "allocatable": {k: str(v) for k, v in allocatable.items()},
+                "addresses": [
+                    {"type": "InternalIP", "address": ip},
+                    {"type": "Hostname", "address": n["name"]},
+                ],
+            },
+        }
+        nodes.append(node)
+    return nodes
+
+
+# --------------------------------------------------------------------------
+# the cluster object
+
+
+@dataclasses.dataclass
+class Cluster:
+    state_dir: Path
+    kubeconfig: Path
+    server: str
+    token: str
+    ca_file: Path
+    kubectl_bin: Path
+    ports: dict[str, int]
+    webhooks: bool
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses that should talk to this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
+        cmd = [str(self.kubectl_bin), "--kubeconfig", str(self.kubeconfig), *args]
+        r = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise ClusterError(
+                f"kubectl {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}"
+            )
+        return r
+
+    def kubectl_json(self, *args: str, timeout: float = 60) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json", timeout=timeout).stdout)
+
+    def apply(self, manifest: str | dict | list, *extra: str) -> str:
+        """kubectl apply -f - ; accepts YAML text, a dict, or a list of dicts."""
+        if isinstance(manifest, dict):
+            manifest = [manifest]
+        if isinstance(manifest, list):
+            manifest = yaml.safe_dump_all(manifest, sort_keys=False)
+        return self.kubectl("apply", "-f", "-", *extra, input=manifest).stdout
+
+    def api_get(self, path: str) -> Any:
+        """GET a raw API path (e.g. '/readyz' or '/api/v1/nodes'); JSON or text."""
+        return _api_get(self.server, path, self.token, self.ca_file)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+    @classmethod
+    def from_state(cls, state_dir: Path | str) -> "Cluster":
+        state_dir = Path(state_dir)
+        d = json.loads((state_dir / "cluster.json").read_text())
+        return cls(
+            state_dir=state_dir,
+            kubeconfig=Path(d["kubeconfig"]),
+            server=d["server"],
+            token=d["token"],
+            ca_file=Path(d["ca_file"]),
+            kubectl_bin=Path(d["kubectl_bin"]),
+            ports=d["ports"],
+            webhooks=d["webhooks"],
+        )
+
+
+def _api_get(server: str, path: str, token: str, ca: Path, timeout: float = 5) -> Any:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    req = urllib.request.Request(server + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
+        body = r.read().decode()
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return body
+
+
+def _http_ok(url: str, timeout: float = 2, insecure: bool = True) -> bool:
+    ctx = None
+    if url.startswith("https://"):
+        ctx = ssl.create_default_context()
+        if insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+# --------------------------------------------------------------------------
+# process management
+
+
+class _Procs:
+    """Started processes of one cluster, persisted in <state>/pids.json."""
+
+    def __init__(self, state_dir: Path, die_with_parent: bool):
+        self.state_dir = state_dir
+        self.logs = state_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.die_with_parent = die_with_parent
+        self.popen: dict[str, subprocess.Popen] = {}
+        self.record: dict[str, dict] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        p = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.state_dir,
+            env=env,
+            start_new_session=True,  # own process group: killpg reaches all children
+            preexec_fn=_set_pdeathsig if self.die_with_parent else None,
+        )
+        log.close()
+        self.popen[name] = p
+        _POPENS[p.pid] = p
+        self.record[name] = {"pid": p.pid, "start": _proc_starttime(p.pid), "cmd": cmd[0]}
+        self.save()
+        return p
+
+    def save(self) -> None:
+        (self.state_dir / "pids.json").write_text(json.dumps(self.record, indent=1))
+
+    def check_alive(self, name: str) -> None:
+        p = self.popen[name]
+        if p.poll() is not None:
+            raise ClusterError(
+                f"{name} exited with status {p.returncode}; last log lines:\n{tail(self.logs / f'{name}.log')}"
+            )
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait(
+    what: str,
+    cond: Callable[[], bool],
+    timeout: float,
+    procs: _Procs | None = None,
+    name: str | None = None,
+    interval: float = 0.25,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if procs is not None and name is not None:
+            procs.check_alive(name)
+        try:
+            if cond():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            extra = ""
+            if procs is not None and name is not None:
+                extra = f"\nlast log lines of {name}:\n{tail(procs.logs / f'{name}.log')}"
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def stop_cluster(state_dir: Path | str, timeout: float = 15, progress: Progress | None = None) -> None:
+    """Stop every process of the cluster in state_dir; raise if any survives."""
+    progress = progress or _print
+    state_dir = Path(state_dir)
+    pid_file = state_dir / "pids.json"
+    if not pid_file.exists():
+        return
+    record: dict[str, dict] = json.loads(pid_file.read_text())
+    groups: list[tuple[str, int]] = []
+    for name in reversed([n for n in COMPONENT_ORDER if n in record] + [n for n in record if n not in COMPONENT_ORDER]):
+        pid = record[name]["pid"]
+        # guard against pid reuse: the leader must be the process we started,
+        # or already gone (its group may still have members)
+        start = _proc_starttime(pid)
+        if start is not None and record[name].get("start") not in (None, start):
+            continue
+        groups.append((name, pid))
+    for name, pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap()
+        if not any(_group_members(pgid) for _, pgid in groups):
+            break
+        time.sleep(0.1)
+    leftovers = {name: _group_members(pgid) for name, pgid in groups}
+    leftovers = {k: v for k, v in leftovers.items() if v}
+    if leftovers:
+        progress(f"killing unresponsive components: {', '.join(leftovers)}")
+        for name, pgid in groups:
+            if name in leftovers:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.5)
+        _reap()
+        leftovers = {name: _group_members(pgid) for name, pgid in groups}
+        leftovers = {k: v for k, v in leftovers.items() if v}
+    pid_file.rename(state_dir / "pids.stopped.json")
+    if leftovers:
+        raise ClusterError(f"processes survived teardown: {leftovers}")
+    progress(f"cluster in {state_dir} stopped")
+
+
+_POPENS: dict[int, subprocess.Popen] = {}
+
+
+def _reap() -> None:
+    """Reap exited component processes started by this Python process."""
+    for pid, p in list(_POPENS.items()):
+        if p.poll() is not None:
+            del _POPENS[pid]
+
+
+def cluster_pids(state_dir: Path | str) -> list[int]:
+    """Live pids belonging to the cluster's process groups (for tests)."""
+    state_dir = Path(state_dir)
+    for fname in ("pids.json", "pids.stopped.json"):
+        f = state_dir / fname
+        if f.exists():
+            record = json.loads(f.read_text())
+            out: list[int] = []
+            for r in record.values():
+                out += _group_members(r["pid"])
+            return out
+    return []
+
+
+# --------------------------------------------------------------------------
+# start
+
+
+def _kueue_config(path: Path, ports: dict[str, int], certdir: Path) -> None:
+    cfg = {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": "kueue-system",
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['kueue-health']}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{ports['kueue-metrics']}"},
+        "webhook": {"host": "127.0.0.1", "port": ports["kueue-webhook"], "certDir": str(certdir)},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "manageJobsWithoutQueueName": False,
+        "integrations": {"frameworks": ["batch/job"]},
+        "clientConnection": {"qps": 100, "burst": 200},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def kueue_webhook_manifests(manifests: Path, base_url: str, ca_pem: bytes) -> list[dict]:
+    """Kueue's webhook configurations, rewritten to call base_url directly.
+
+    Only the webhooks for Kueue's own API group and batch/v1 Jobs are kept
+    (the only integration enabled here)."""
+    ca = base64.b64encode(ca_pem).decode()
+    out = []
+    for doc in yaml.safe_load_all(manifests.read_text()):
+        if not doc or doc.get("kind") not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+            continue
+        hooks = []
+        for h in doc.get("webhooks", []):
+            path = h["clientConfig"]["service"]["path"]
+            if not ("-kueue-x-k8s-io-" in path or path.endswith("-batch-v1-job")):
+                continue
+            h["clientConfig"] = {"url": base_url + path, "caBundle": ca}
+            hooks.append(h)
+        kind = doc["kind"]
+        out.append(
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": kind,
+                "metadata": {"name": "labfleet-kueue-" + ("mutating" if kind.startswith("Mutating") else "validating")},
+                "webhooks": hooks,
+            }
+        )
+    return out
+
+
+def start_cluster(
+    state_dir: Path | str,
+    *,
+    fleet: Path | str | None = DEFAULT_FLEET,
+    webhooks: bool = True,
+    kueue: bool = True,
+    build: bool = True,
+    die_with_parent: bool = False,
+    progress: Progress | None = None,
+    timeout: float = 180,
+) -> Cluster:
+    """Start the whole cluster; on any failure, stop what was started and raise."""
+    progress = progress or _print
+    state_dir = Path(state_dir).resolve()
+    if (state_dir / "pids.json").exists():
+        raise ClusterError(f"{state_dir} already holds a running cluster (pids.json); run 'down' first")
+    b = ensure_binaries(build=build, progress=progress)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    procs = _Procs(state_dir, die_with_parent)
+    try:
+        return _start(state_dir, b, procs, fleet, webhooks, kueue, progress, timeout)
+    except BaseException:
+        progress("start failed; tearing down")
+        try:
+            stop_cluster(state_dir, progress=progress)
+        except Exception as e:  # pragma: no cover - reported, original error wins
+            progress(f"teardown after failed start: {e}")
+        raise
+
+
+def _start(
+    state_dir: Path,
+    b: Binaries,
+    procs: _Procs,
+    fleet: Path | str | None,
+    webhooks: bool,
+    kueue: bool,
+    progress: Progress,
+    timeout: float,
+) -> Cluster:
+    t0 = time.monotonic()
+    pki = state_dir / "pki"
+    progress(f"state dir {state_dir}; generating certificates")
+    make_pki(pki)
+    token = secrets.token_hex(24)
+    (pki / "tokens.csv").write_text(f'{token},labfleet-admin,labfleet-admin,"system:masters"\n')
+    (pki / "tokens.csv").chmod(0o600)
+
+    names = ["etcd-client", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok",
+             "kueue-webhook", "kueue-metrics", "kueue-health"]
+    ports: dict[str, int] = {}
+    while len(set(ports.values())) != len(names):
+        ports = {n: free_port() for n in names}
+    server = f"https://127.0.0.1:{ports['apiserver']}"
+    kubeconfig = state_dir / "kubeconfig"
+    write_kubeconfig(kubeconfig, server, pki / "ca.crt", token)
+    cluster = Cluster(
+        state_dir=state_dir,
+        kubeconfig=kubeconfig,
+        server=server,
+        token=token,
+        ca_file=pki / "ca.crt",
+        kubectl_bin=b.kubectl,
+        ports=ports,
+        webhooks=webhooks and kueue,
+    )
+
+    # etcd ---------------------------------------------------------------
+    etcd_url = f"http://127.0.0.1:{ports['etcd-client']}"
+    peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+    progress(f"starting etcd on {etcd_url}")
+    procs.start("etcd", [
+        str(b.etcd), "--name", "labfleet", "--data-dir", str(state_dir / "etcd"),
+        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"labfleet={peer_url}", "--initial-cluster-state", "new",
+        "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3),
+        "--log-level", "warn",
+    ])
+    _wait("etcd /health", lambda: _http_ok(etcd_url + "/health"), 30, procs, "etcd")
+
+    # kube-apiserver ---------------------------------------------------------
+    progress(f"starting kube-apiserver on {server}")
+    procs.start("kube-apiserver", [
+        str(b.kube_apiserver),
+        "--etcd-servers", etcd_url,
+        "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+        "--secure-port", str(ports["apiserver"]),
+        "--tls-cert-file", str(pki / "server.crt"), "--tls-private-key-file", str(pki / "server.key"),
+        "--client-ca-file", str(pki / "ca.crt"),
+        "--token-auth-file", str(pki / "tokens.csv"),
+        "--authorization-mode", "Node,RBAC",
+        "--service-account-issuer", "https://kubernetes.default.svc",
+        "--service-account-key-file", str(pki / "sa.pub"),
+        "--service-account-signing-key-file", str(pki / "sa.key"),
+        "--service-cluster-ip-range", SERVICE_CIDR,
+        "--endpoint-reconciler-type", "none",
+        "--allow-privileged=true",
+        "--profiling=false",
+        "--v=1",
+    ])
+    _wait(
+        "kube-apiserver /readyz",
+        lambda: _api_get(server, "/readyz", token, pki / "ca.crt") == "ok",
+        60, procs, "kube-apiserver", interval=0.5,
+    )
+    progress(f"kube-apiserver ready ({time.monotonic() - t0:.0f}s)")
+
+    # controller-manager + scheduler -----------------------------------------
+    progress("starting kube-controller-manager and kube-scheduler")
+    procs.start("kube-controller-manager", [
+        str(b.kube_controller_manager),
+        "--kubeconfig", str(kubeconfig),
+        "--bind-address", "127.0.0.1", "--secure-port", str(ports["kcm"]),
+        "--cert-dir", str(state_dir / "kcm-certs"),
+        "--leader-elect=false",
+        "--service-account-private-key-file", str(pki / "sa.key"),
+        "--root-ca-file", str(pki / "ca.crt"),
+        "--use-service-account-credentials=false",
+        "--controllers", "*",
+        "--node-monitor-grace-period", "60s",
+        "--v=1",
+    ])
+    procs.start("kube-scheduler", [
+        str(b.kube_scheduler),
+        "--kubeconfig", str(kubeconfig),
+        "--bind-address", "127.0.0.1", "--secure-port", str(ports["scheduler"]),
+        "--cert-dir", str(state_dir / "scheduler-certs"),
+        "--leader-elect=false",
+        "--v=1",
+    ])
+
+    # CRDs while the controllers come up ---------------------------------------
+    if kueue:
+        progress("installing Kueue CRDs")
+        cluster.kubectl("apply", "--server-side", "-f", str(b.kueue_crds), timeout=120)
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}})
+
+    _wait("kube-controller-manager /healthz",
+          lambda: _http_ok(f"https://127.0.0.1:{ports['kcm']}/healthz"), 60, procs, "kube-controller-manager")
+    _wait("kube-scheduler /healthz",
+          lambda: _http_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"), 60, procs, "kube-scheduler")
+
+    # kwok + fleet -------------------------------------------------------------
+    progress(f"starting kwok (pod CIDR {POD_CIDR})")
+    procs.start("kwok", [
+        str(b.kwok),
+        "-c", str(STAGES_FILE),
+        "--kubeconfig", str(kubeconfig),
+        "--manage-all-nodes=false",
+        "--manage-nodes-with-annotation-selector", "=".join(KWOK_NODE_ANNOTATION),
+        "--cidr", POD_CIDR,
+        "--node-ip", KWOK_NODE_IP,
+        "--server-address", f"127.0.0.1:{ports['kwok']}",
+        "--node-lease-duration-seconds", "40",
+    ])
+    _wait("kwok /healthz", lambda: _http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz"), 30, procs, "kwok")
+
+    nodes: list[dict] = []
+    if fleet:
+        nodes = load_fleet(fleet)
+        progress(f"creating {len(nodes)} fake nodes from {fleet}")
+        cluster.kubectl("create", "-f", "-", input=yaml.safe_dump_all(nodes))
+
+    # Kueue ----------------------------------------------------------------------
+    if kueue:
+        certdir = state_dir / "kueue-certs"
+        certdir.mkdir(exist_ok=True)
+        shutil.copy(pki / "server.crt", certdir / "tls.crt")
+        shutil.copy(pki / "server.key", certdir / "tls.key")
+        _kueue_config(state_dir / "kueue-config.yaml", ports, certdir)
+        cluster.kubectl("wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s",
+                        timeout=90)
+        progress("starting Kueue manager")
+        procs.start("kueue", [
+            str(b.kueue),
+            "--config", str(state_dir / "kueue-config.yaml"),
+            "--feature-gates", "VisibilityOnDemand=false",
+        ], env={**os.environ, "KUBECONFIG": str(kubeconfig), "KUEUE_METRICS_CERT_DIR": str(certdir)})
+        _wait("Kueue /readyz", lambda: _http_ok(f"http://127.0.0.1:{ports['kueue-health']}/readyz"),
+              90, procs, "kueue", interval=0.5)
+        if webhooks:
+            progress(f"registering Kueue webhooks at https://127.0.0.1:{ports['kueue-webhook']}")
+            cluster.apply(kueue_webhook_manifests(
+                b.kueue_webhooks, f"https://127.0.0.1:{ports['kueue-webhook']}", (pki / "ca.crt").read_bytes()))
+
+    # readiness ------------------------------------------------------------------
+    if nodes:
+        progress("waiting for the fleet to be Ready")
+        cluster.kubectl("wait", "--for", "condition=Ready", "node", "--all", "--timeout", "60s", timeout=90)
+    _wait("default service account", lambda: cluster.kubectl(
+        "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, 60)
+    for name in procs.popen:
+        procs.check_alive(name)
+
+    (state_dir / "cluster.json").write_text(json.dumps(cluster.to_json(), indent=1))
+    progress(f"cluster ready in {time.monotonic() - t0:.0f}s: KUBECONFIG={kubeconfig}")
+    return cluster
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start the cluster (processes keep running after exit)")
+    up.add_argument("--state", required=True, type=Path)
+    up.add_argument("--fleet", default=str(DEFAULT_FLEET), help="fleet file ('' for no nodes)")
+    up.add_argument("--no-webhooks", action="store_true", help="do not register Kueue webhooks")
+    up.add_argument("--no-kueue", action="store_true", help="do not start Kueue")
+    up.add_argument("--no-build", action="store_true", help="fail instead of running build.sh")
+    down = sub.add_parser("down", help="stop the cluster")
+    down.add_argument("--state", required=True, type=Path)
+    down.add_argument("--purge", action="store_true", help="also delete the state dir")
+    st = sub.add_parser("status", help="print cluster.json and live processes")
+    st.add_argument("--state", required=True, type=Path)
+    sub.add_parser("build", help="run build.sh")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+
+    try:
+        if args.cmd == "up":
+            c = start_cluster(
+                args.state,
+                fleet=args.fleet or None,
+                webhooks=not args.no_webhooks,
+                kueue=not args.no_kueue,
+                build=not args.no_build,
+            )
+            print(f"export KUBECONFIG={c.kubeconfig}")
+        elif args.cmd == "down":
+            stop_cluster(args.state)
+            if args.purge:
+                shutil.rmtree(args.state, ignore_errors=True)
+        elif args.cmd == "status":
+            c = Cluster.from_state(args.state)
+            print(json.dumps({**c.to_json(), "pids": cluster_pids(args.state)}, indent=1))
+        elif args.cmd == "build":
+            ensure_binaries(build=True)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
