@@ -238,3 +238,18 @@ async def test_overlapping_id_ranges_refuse_the_start(tmp_path):
     assert refused.value.status_code == 500
     assert "cannot prepare your storage" in refused.value.jupyterhub_message
     assert spawner.proc is None
+
+
+async def test_move_certs_into_the_home(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4())
+    certs = tmp_path / "hub-certs"
+    certs.mkdir()
+    paths = {}
+    for key in ("keyfile", "certfile", "cafile"):
+        paths[key] = str(certs / f"{key}.pem")
+        Path(paths[key]).write_text(key)
+    moved = await spawner.move_certs(paths)
+    target = tmp_path / "srv" / "home" / "alice" / ".jupyterhub" / "jupyterhub-certs"
+    assert moved == {key: str(target / f"{key}.pem") for key in paths}
+    assert Path(moved["keyfile"]).read_text() == "keyfile"
+    assert not Path(paths["keyfile"]).exists() and Path(paths["cafile"]).exists()
