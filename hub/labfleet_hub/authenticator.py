@@ -44,7 +44,9 @@ class IdentityProviderUnavailable(web.HTTPError):
             "Please try again in a few minutes; if it persists, tell the platform admins."
         )
         # JupyterHub's error page shows log_message % args: escape any '%'
-        super().__init__(503, log_message=message.replace("%", "%%"), reason="Identity provider unavailable")
+        super().__init__(
+            503, log_message=message.replace("%", "%%"), reason="Identity provider unavailable"
+        )
         self.message = message
 
     def __str__(self):
@@ -189,7 +191,9 @@ class IAMAuthenticator(GenericOAuthenticator):
             response = await client.fetch(request)
             document = json.loads(response.body)
         except HTTPClientError as e:
-            raise IdentityProviderUnavailable(self.issuer, f"discovery answered HTTP {e.code}") from None
+            raise IdentityProviderUnavailable(
+                self.issuer, f"discovery answered HTTP {e.code}"
+            ) from None
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise IdentityProviderUnavailable(self.issuer, reason) from None
@@ -244,8 +248,11 @@ class IAMAuthenticator(GenericOAuthenticator):
         try:
             token_info = await self.get_token_info(None, params)
         except Exception as e:
-            self.log.info("Refresh token of %s refused (%s); a new login is required", user.name,
-                          type(e).__name__)
+            self.log.info(
+                "Refresh token of %s refused (%s); a new login is required",
+                user.name,
+                type(e).__name__,
+            )
             return False
         token_info.setdefault("refresh_token", refresh_token)
         return await self._token_to_auth_model(token_info)

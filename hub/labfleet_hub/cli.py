@@ -50,8 +50,15 @@ def ensure_proxy() -> str:
     step(f"installing configurable-http-proxy {CHP_VERSION} into {prefix} (once)")
     prefix.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix),
-         f"configurable-http-proxy@{CHP_VERSION}"],
+        [
+            npm,
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(prefix),
+            f"configurable-http-proxy@{CHP_VERSION}",
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -60,7 +67,9 @@ def ensure_proxy() -> str:
 
 def demo_accounts(accounts_path: str) -> list[tuple[str, str, list[str]]]:
     data = yaml.safe_load(Path(accounts_path).read_text()) or {}
-    return [(u["username"], u.get("password", ""), u.get("groups", [])) for u in data.get("users", [])]
+    return [
+        (u["username"], u.get("password", ""), u.get("groups", [])) for u in data.get("users", [])
+    ]
 
 
 def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120) -> bool:
@@ -157,8 +166,10 @@ def cmd_up(args) -> int:
     try:
         url = f"{hub['public_url']}{hub['base_url'].rstrip('/')}/hub/health"
         if not wait_for_health(url, hub_process):
-            print(f"labfleet: JupyterHub did not start; see {log_dir / 'jupyterhub.log'}",
-                  file=sys.stderr)
+            print(
+                f"labfleet: JupyterHub did not start; see {log_dir / 'jupyterhub.log'}",
+                file=sys.stderr,
+            )
             stop()
             return 1
         print()

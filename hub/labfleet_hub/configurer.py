@@ -28,7 +28,6 @@ from typing import Any
 
 import jsonschema
 import yaml
-
 from labfleet_spawner.catalogue import CatalogueError, load_catalogue
 
 from .tokens import CUSTOM_SCOPES, IAM_TOKEN_SCOPE
@@ -95,7 +94,9 @@ def _merge(defaults: dict, values: dict) -> dict:
 def parse_values(data: Any, source: str, base_dir: Path) -> dict:
     """Validate loaded YAML data, apply defaults, resolve paths against ``base_dir``."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the configuration must be a mapping (hub, iam, catalogue, ...)")
+        raise ConfigError(
+            f"{source}: the configuration must be a mapping (hub, iam, catalogue, ...)"
+        )
     validator = jsonschema.Draft202012Validator(config_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -131,7 +132,9 @@ def load_values(path: str | os.PathLike) -> dict:
     except CatalogueError as e:
         raise ConfigError(str(e)) from None
     if values["devidp"]["enabled"] and not Path(values["devidp"]["accounts"]).is_file():
-        raise ConfigError(f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}")
+        raise ConfigError(
+            f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}"
+        )
     return values
 
 

@@ -48,7 +48,9 @@ class RedactingFilter(logging.Filter):
             record.msg, record.args = cleaned, None
         if record.exc_info and record.exc_info[1] is not None:
             # exception text is formatted later from exc_info: pre-format it redacted
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.secrets)
+            record.exc_text = redact(
+                logging.Formatter().formatException(record.exc_info), self.secrets
+            )
             record.exc_info = None
         return True
 

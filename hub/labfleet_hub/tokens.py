@@ -42,8 +42,9 @@ class IAMTokenHandler(APIHandler):
             raise web.HTTPError(403, "authentication required")
         if not has_scope(f"{IAM_TOKEN_SCOPE}!user={user_name}", self.parsed_scopes, db=self.db):
             raise web.HTTPError(
-                403, f"this token may not obtain IAM tokens for {user_name} "
-                f"(needs scope {IAM_TOKEN_SCOPE}!user={user_name})"
+                403,
+                f"this token may not obtain IAM tokens for {user_name} "
+                f"(needs scope {IAM_TOKEN_SCOPE}!user={user_name})",
             )
         user = self.find_user(user_name)
         if user is None:
@@ -53,8 +54,12 @@ class IAMTokenHandler(APIHandler):
         self.write(json.dumps(token))
 
 
-def get_access_token(api_url: str | None = None, api_token: str | None = None,
-                     user: str | None = None, timeout: float = 10.0) -> str:
+def get_access_token(
+    api_url: str | None = None,
+    api_token: str | None = None,
+    user: str | None = None,
+    timeout: float = 10.0,
+) -> str:
     """A fresh IAM access token for the notebook's user (reads the JupyterHub env by default)."""
     api_url = api_url or os.environ["JUPYTERHUB_API_URL"]
     api_token = api_token or os.environ["JUPYTERHUB_API_TOKEN"]

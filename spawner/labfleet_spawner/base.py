@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from tornado import web
-from traitlets import Dict, Instance, Unicode, default
+from traitlets import Dict, HasTraits, Instance, Unicode, default
 
 from .catalogue import Catalogue, Selection, SelectionError, load_catalogue, validate_selection
 from .form import options_from_form, render_form
@@ -30,7 +30,7 @@ def cached_catalogue(path: str) -> Catalogue:
     return _CATALOGUES[key]
 
 
-class CatalogueSpawnerMixin:
+class CatalogueSpawnerMixin(HasTraits):
     """Catalogue-driven profiles for a JupyterHub spawner (mix in before the spawner)."""
 
     catalogue_path = Unicode(
@@ -46,7 +46,7 @@ class CatalogueSpawnerMixin:
     catalogue_data = Instance(
         Catalogue,
         allow_none=True,
-        help="An already-parsed catalogue; takes precedence over catalogue_path (tests, embedding).",
+        help="An already-parsed catalogue; wins over catalogue_path (tests, embedding).",
     ).tag(config=True)
 
     extra_group_env = Dict(
@@ -106,7 +106,7 @@ class CatalogueSpawnerMixin:
         return lambda spawner, user_options: spawner.apply_selection(user_options)
 
     def apply_selection(self, user_options) -> Selection:
-        """Validate ``user_options`` and remember the selection; HTTP 400 on anything not offered."""
+        """Validate ``user_options``, remember the selection; HTTP 400 if anything is not offered."""
         try:
             self.selection = validate_selection(
                 self.catalogue, self.user_group_names(), dict(user_options or {})

@@ -149,7 +149,9 @@ def offered_profiles(catalogue: Catalogue, groups) -> list[ProfileChoice]:
         if accelerator and not _allowed(accelerator.groups, groups):
             continue
         images = tuple(
-            catalogue.images[i] for i in profile.images if _allowed(catalogue.images[i].groups, groups)
+            catalogue.images[i]
+            for i in profile.images
+            if _allowed(catalogue.images[i].groups, groups)
         )
         if not images:
             continue
@@ -277,7 +279,9 @@ def _entry_label(data: dict, path) -> tuple[str, list]:
 def parse_catalogue(data: Any, source: str = "<catalogue>") -> Catalogue:
     """Validate plain data (as loaded from YAML) and build a :class:`Catalogue`."""
     if not isinstance(data, dict):
-        raise CatalogueError(f"{source}: the catalogue must be a mapping with images, sizes, profiles")
+        raise CatalogueError(
+            f"{source}: the catalogue must be a mapping with images, sizes, profiles"
+        )
     validator = jsonschema.Draft202012Validator(catalogue_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if errors:

@@ -39,7 +39,9 @@ def render_form(
     return (
         _environment()
         .get_template("spawn_form.html")
-        .render(choices=choices, availability=availability or {}, selected=selected, message=message)
+        .render(
+            choices=choices, availability=availability or {}, selected=selected, message=message
+        )
     )
 
 
@@ -50,7 +52,9 @@ def options_from_form(formdata: dict[str, list[str]]) -> dict[str, str]:
         values = formdata.get(key) or [""]
         value = str(values[0]).strip()
         if len(value) > MAX_FIELD_LENGTH:
-            raise ValueError(f"form field {key[:40]!r} is longer than {MAX_FIELD_LENGTH} characters")
+            raise ValueError(
+                f"form field {key[:40]!r} is longer than {MAX_FIELD_LENGTH} characters"
+            )
         return value
 
     profile = first("profile")

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from labfleet_spawner.catalogue import (
     CatalogueError,
     SelectionError,
@@ -56,7 +55,12 @@ def test_image_restricted_to_group_is_hidden(catalogue):
 
 def test_selection_defaults(catalogue):
     sel = validate_selection(catalogue, ["users"], {})
-    assert (sel.profile.name, sel.image.name, sel.size.name, sel.count) == ("cpu", "scipy", "small", 0)
+    assert (sel.profile.name, sel.image.name, sel.size.name, sel.count) == (
+        "cpu",
+        "scipy",
+        "small",
+        0,
+    )
     sel = validate_selection(catalogue, ["users"], {"profile": "gpu-t4"})
     assert sel.accelerator.name == "t4" and sel.count == 1
 
@@ -64,7 +68,11 @@ def test_selection_defaults(catalogue):
 @pytest.mark.parametrize(
     "groups, options, message",
     [
-        (["users"], {"profile": "gpu-a100"}, "profile 'gpu-a100' is not available to you; allowed:"),
+        (
+            ["users"],
+            {"profile": "gpu-a100"},
+            "profile 'gpu-a100' is not available to you; allowed:",
+        ),
         (["users"], {"profile": "cpu", "image": "evil/miner:latest"}, "image 'evil/miner:latest'"),
         (["users"], {"profile": "cpu", "size": "huge"}, "size 'huge' is not offered"),
         (["users"], {"profile": "gpu-t4", "count": "3"}, "allowed: 1 to 2"),
@@ -95,18 +103,29 @@ def test_no_profile_for_groups(data):
     "mutate, expected",
     [
         (lambda d: d["sizes"][1].update(cpu=-3), "c.yaml: sizes[1] 'medium': field cpu:"),
-        (lambda d: d["profiles"][2].update(sizes=["huge"]),
-         "c.yaml: profiles[2] 'gpu-rtx5000': field sizes: 'huge' is not defined"),
-        (lambda d: d["profiles"][1].update(accelerator="h100"),
-         "profiles[1] 'gpu-t4': field accelerator: 'h100' is not defined"),
+        (
+            lambda d: d["profiles"][2].update(sizes=["huge"]),
+            "c.yaml: profiles[2] 'gpu-rtx5000': field sizes: 'huge' is not defined",
+        ),
+        (
+            lambda d: d["profiles"][1].update(accelerator="h100"),
+            "profiles[1] 'gpu-t4': field accelerator: 'h100' is not defined",
+        ),
         (lambda d: d["accelerators"][0].update(kind="tpu"), "accelerators[0] 't4': field kind:"),
-        (lambda d: d["accelerators"][4].pop("mig_profile"),
-         "accelerators[4] 'mig-1g.10gb': field mig_profile: required for kind mig"),
-        (lambda d: d["images"].append(dict(d["images"][0])),
-         "images[3] 'scipy': field name: duplicate of images[0]"),
+        (
+            lambda d: d["accelerators"][4].pop("mig_profile"),
+            "accelerators[4] 'mig-1g.10gb': field mig_profile: required for kind mig",
+        ),
+        (
+            lambda d: d["images"].append(dict(d["images"][0])),
+            "images[3] 'scipy': field name: duplicate of images[0]",
+        ),
         (lambda d: d["sizes"][0].update(memory="lots"), "sizes[0] 'small': field memory:"),
         (lambda d: d["profiles"][0].update(colour="red"), "profiles[0] 'cpu': field (entry):"),
-        (lambda d: d.pop("profiles"), "c.yaml: (top level): field (entry): 'profiles' is a required"),
+        (
+            lambda d: d.pop("profiles"),
+            "c.yaml: (top level): field (entry): 'profiles' is a required",
+        ),
         (lambda d: d["profiles"][1].update(default=True), "only one profile may be the default"),
     ],
 )

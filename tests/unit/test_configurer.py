@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from traitlets.config import Config
-
 from labfleet_hub.configurer import (
     ConfigError,
     apply_config,
@@ -15,6 +13,7 @@ from labfleet_hub.configurer import (
     parse_values,
     with_secrets,
 )
+from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from labfleet_spawner.catalogue import load_catalogue, offered_profiles
 from labfleet_spawner.form import MAX_FIELD_LENGTH, options_from_form, render_form
 

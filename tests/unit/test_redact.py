@@ -14,7 +14,9 @@ def test_token_fields_are_masked():
 
 def test_bearer_jwt_query_and_literal_secret():
     jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
-    out = redact(f"Authorization: Bearer xyz123 and {jwt} url?access_token=q1&b=2 s3cr3t", ("s3cr3t",))
+    out = redact(
+        f"Authorization: Bearer xyz123 and {jwt} url?access_token=q1&b=2 s3cr3t", ("s3cr3t",)
+    )
     assert "xyz123" not in out and jwt not in out and "q1" not in out and "s3cr3t" not in out
     assert out.count(MASK) == 4 and "b=2" in out
 
