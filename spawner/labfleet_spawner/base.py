@@ -106,7 +106,7 @@ class CatalogueSpawnerMixin(HasTraits):
         return lambda spawner, user_options: spawner.apply_selection(user_options)
 
     def apply_selection(self, user_options) -> Selection:
-        """Validate ``user_options``, remember the selection; HTTP 400 if anything is not offered."""
+        """Validate ``user_options``, keep the selection; HTTP 400 if anything is not offered."""
         try:
             self.selection = validate_selection(
                 self.catalogue, self.user_group_names(), dict(user_options or {})
