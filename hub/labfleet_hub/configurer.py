@@ -239,7 +239,7 @@ def apply_config(values: dict, c) -> None:
     s.http_timeout = spawner["start_timeout"]
     if spawner["kind"] == "local":
         s.storage_root = spawner["storage_root"]
-        s.isolate_users = spawner["isolate_users"]
+        s.isolate_users = {"auto": "auto", "yes": True, "no": False}[spawner["isolate_users"]]
         # the single-user server of this very environment, found without PATH
         s.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         s.default_url = "/lab"

@@ -36,7 +36,7 @@ from typing import ClassVar
 
 from jupyterhub.spawner import LocalProcessSpawner
 from tornado import web
-from traitlets import Any, Dict, Enum, Float, HasTraits, Instance, Integer, List, Unicode
+from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode
 
 from .base import CatalogueSpawnerMixin
 from .devices import DeviceAllocator, FpgaDevice, NoFreeDevice, cuda_visible_devices
@@ -87,23 +87,6 @@ def filter_secret_env(
     return kept, sorted(dropped)
 
 
-def _as_traits_mixin(mixin: type) -> type:
-    """``mixin`` itself if it derives from HasTraits, else a HasTraits copy of it.
-
-    traitlets names a class's traits and registers its ``@default`` methods only
-    for HasTraits classes; in a plain mixin they are silently dead (no config,
-    no catalogue form). Until ``CatalogueSpawnerMixin`` derives from HasTraits,
-    rebuild it as one here. Once it does, this returns it unchanged.
-    """
-    if issubclass(mixin, HasTraits):
-        return mixin
-    body = {k: v for k, v in vars(mixin).items() if k not in ("__dict__", "__weakref__")}
-    return type(mixin.__name__, (HasTraits,), body)
-
-
-_CatalogueMixin = _as_traits_mixin(CatalogueSpawnerMixin)
-
-
 def _http_error(status: int, message: str, reason: str) -> web.HTTPError:
     # jupyterhub_message is what the spawn-progress page and the REST API show.
     error = web.HTTPError(status, "%s", message, reason=reason)
@@ -133,7 +116,7 @@ def _chdir_only(home: str | None):
     return preexec
 
 
-class LocalGPUSpawner(_CatalogueMixin, LocalProcessSpawner):
+class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
     """Single-node spawner: catalogue profiles, exclusive local GPUs, mapped uids."""
 
     # One allocator and one isolation probe per hub process, shared by every
