@@ -79,14 +79,15 @@ go_build() {
   local -a timer=()
   [ -x /usr/bin/time ] && timer=(/usr/bin/time -v -o "$timefile")
   local start=$SECONDS
-  (cd "$moddir" && "${timer[@]}" go build -p "$JOBS" -trimpath ${GO_EXTRA_FLAGS:-} \
+  (cd "$moddir" && "${timer[@]}" go build -p "$JOBS" -trimpath \
       -ldflags "-s -w $ldflags" -o "$out" "$pkg")
   local secs=$((SECONDS - start)) rss=""
   if [ -f "$timefile" ]; then
     rss=$(awk -F': ' '/Maximum resident set size/ {printf "%.0f MiB", $2/1024}' "$timefile")
   fi
   log "  built $(basename "$out") in ${secs}s (peak RSS of largest process: ${rss:-n/a})"
-  printf '%s\t%s\t%ss\t%s\n' "$(basename "$(dirname "$out")")" "$(basename "$out")" "$secs" "${rss:-n/a}" \
+  local comp; comp="$(basename "$(dirname "$out")")"; comp="${comp%.tmp.*}"
+  printf '%s\t%s\t%s\t%ss\t%s\n' "$(date -u +%FT%TZ)" "$comp" "$(basename "$out")" "$secs" "${rss:-n/a}" \
     >>"$CACHE/build-times.tsv"
 }
 
@@ -134,22 +135,22 @@ build_component() {
       src="$(cd "$moddir" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
       # Kueue reads its metrics TLS pair from the fixed path /etc/kueue/metrics/certs
       # when internal cert management is off.  Out of cluster (and without root)
-      # that path is unusable, so compile cmd/kueue/main.go through a
-      # `go build -overlay` copy that honours $KUEUE_METRICS_CERT_DIR first.
-      # Nothing else changes; the module cache stays untouched.
-      local ov="$tmp/.overlay"
-      mkdir -p "$ov"
+      # that path is unusable, so build a copy of cmd/kueue/main.go (a single
+      # file, no internal imports) inside the wrapper module, patched to honour
+      # $KUEUE_METRICS_CERT_DIR first.  Nothing else changes.  (go build
+      # -overlay refuses files under GOMODCACHE.)
+      local gen="$moddir/gen/kueue"
+      rm -rf "$gen"; mkdir -p "$gen"
       sed 's|metricsCertPath := "/etc/kueue/metrics/certs"|metricsCertPath := "/etc/kueue/metrics/certs"; if d := os.Getenv("KUEUE_METRICS_CERT_DIR"); d != "" { metricsCertPath = d }|' \
-        "$src/cmd/kueue/main.go" >"$ov/main.go"
-      if ! grep -q KUEUE_METRICS_CERT_DIR "$ov/main.go"; then
+        "$src/cmd/kueue/main.go" >"$gen/main.go"
+      if ! grep -q KUEUE_METRICS_CERT_DIR "$gen/main.go"; then
         echo "build.sh: could not patch the metrics cert path in $src/cmd/kueue/main.go" >&2
         exit 4
       fi
-      printf '{"Replace":{"%s":"%s"}}\n' "$src/cmd/kueue/main.go" "$ov/main.go" >"$ov/overlay.json"
       log "$c: building kueue manager (metrics cert dir overridable via KUEUE_METRICS_CERT_DIR)"
-      GO_EXTRA_FLAGS="-overlay=$ov/overlay.json" go_build "$moddir" "$tmp/kueue" sigs.k8s.io/kueue/cmd/kueue \
+      go_build "$moddir" "$tmp/kueue" ./gen/kueue \
         "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
-      rm -rf "$ov"
+      rm -rf "$moddir/gen"
       mkdir -p "$tmp/crds"
       cp "$src"/config/components/crd/bases/*.yaml "$tmp/crds/"
       cp "$src/config/components/webhook/manifests.yaml" "$tmp/webhook-manifests.yaml"
