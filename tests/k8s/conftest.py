@@ -58,7 +58,24 @@ def _live_output(config: pytest.Config) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def k8s_cluster(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+def k8s_binaries(pytestconfig: pytest.Config):
+    """The built component binaries (built with build.sh on first use)."""
+    if shutil.which("openssl") is None:
+        _unavailable("'openssl' is not on PATH")
+    if clusterlib.find_binaries() is None and shutil.which("go") is None:
+        _unavailable(
+            f"binaries not built under {clusterlib.cache_root()} and Go is not installed; "
+            "install Go >= 1.26 and run: bash tools/cluster/build.sh"
+        )
+    with _live_output(pytestconfig):
+        try:
+            return clusterlib.ensure_binaries(build=True)
+        except clusterlib.BinariesMissing as e:
+            _unavailable(str(e))
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """A running cluster: ``.kubeconfig``, ``.server``, ``.kubectl(...)``, ``.apply(...)``."""
     reuse = os.environ.get("LABFLEET_CLUSTER_STATE")
     if reuse:
@@ -68,24 +85,14 @@ def k8s_cluster(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFa
         yield clusterlib.Cluster.from_state(state)
         return
 
-    if shutil.which("openssl") is None:
-        _unavailable("'openssl' is not on PATH")
-    if clusterlib.find_binaries() is None and shutil.which("go") is None:
-        _unavailable(
-            f"binaries not built under {clusterlib.cache_root()} and Go is not installed; "
-            "install Go >= 1.26 and run: bash tools/cluster/build.sh"
-        )
+    request.getfixturevalue("k8s_binaries")
     state = tmp_path_factory.mktemp("k8s-cluster")
-    with _live_output(pytestconfig):
-        try:
-            clusterlib.ensure_binaries(build=True)
-        except clusterlib.BinariesMissing as e:
-            _unavailable(str(e))
+    with _live_output(request.config):
         cluster = clusterlib.start_cluster(state, die_with_parent=True)
     try:
         yield cluster
     finally:
-        with _live_output(pytestconfig):
+        with _live_output(request.config):
             clusterlib.stop_cluster(state)
         left = clusterlib.cluster_pids(state)
         assert not left, f"cluster processes left after teardown: {left}"

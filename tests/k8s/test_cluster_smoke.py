@@ -355,10 +355,8 @@ def test_kueue_webhook_suspends_unsuspended_job(k8s_cluster, k8s_namespace):
     assert any(h["clientConfig"]["url"].endswith("/mutate-batch-v1-job") for h in hooks)
 
 
-def test_teardown_leaves_no_processes(tmp_path):
+def test_teardown_leaves_no_processes(k8s_binaries, tmp_path):
     """A second, bare cluster (no fleet, no Kueue) stops without leftovers."""
-    if clusterlib.find_binaries() is None:
-        pytest.skip("binaries not built")
     c = clusterlib.start_cluster(tmp_path / "c2", fleet=None, kueue=False, die_with_parent=True)
     try:
         pids = clusterlib.cluster_pids(c.state_dir)

@@ -7,13 +7,13 @@
 # rebuild after wiping the binary cache takes a few minutes, not half an hour.
 #
 # Usage: tools/cluster/build.sh [--print-dirs] [--force] [component ...]
-#   components: etcd kubernetes kwok kueue helm  (default: etcd kubernetes kwok kueue)
+#   components: etcd kubernetes kwok kueue helm  (default: all of them)
 #   --print-dirs  only print "component=dir" lines for the configured versions
 #   --force       rebuild even if the cached binaries exist
 # Environment:
 #   LABFLEET_CACHE        cache root (default $HOME/.cache/labfleet)
 #   LABFLEET_BUILD_JOBS   go build -p (default 2; keeps peak memory down)
-#   LABFLEET_BUILD_HELM=1 also build helm
+#   LABFLEET_BUILD_HELM=0 skip helm in the default set (the cluster does not need it)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,7 +48,7 @@ for arg in "$@"; do
 done
 if [ ${#components[@]} -eq 0 ]; then
   components=(etcd kubernetes kwok kueue)
-  [ "${LABFLEET_BUILD_HELM:-0}" = 1 ] && components+=(helm)
+  if [ "${LABFLEET_BUILD_HELM:-1}" != 0 ]; then components+=(helm); fi
 fi
 
 if [ "$print_dirs" = 1 ]; then

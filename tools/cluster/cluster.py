@@ -116,6 +116,12 @@ def component_dirs() -> dict[str, Path]:
     }
 
 
+def helm_binary() -> Path | None:
+    """The helm binary built by build.sh (optional component), if present."""
+    d = cache_root() / f"helm-{versions()['HELM_VERSION']}"
+    return d / "helm" if (d / ".complete").is_file() else None
+
+
 @dataclasses.dataclass
 class Binaries:
     etcd: Path
