@@ -33,8 +33,13 @@ command -v node >/dev/null && command -v npm >/dev/null || {
   exit 1
 }
 
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null || PY=python3
+# Debian's Python lives where every uid can read it, so the local spawner can
+# run each user's notebook under that user's own uid (isolate_users: auto).
+PY=${PYTHON:-}
+for candidate in /usr/bin/python3.11 python3.11 python3; do
+  [ -n "$PY" ] && break
+  command -v "$candidate" >/dev/null && PY=$candidate
+done
 if [ ! -x .venv/bin/python ]; then
   say "creating the virtualenv .venv"
   "$PY" -m venv .venv

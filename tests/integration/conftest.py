@@ -12,6 +12,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -100,7 +101,11 @@ def write_config(config_dir: Path, issuer: str | None = None, idp: bool = True) 
     values["proxy"] = {"api_port": free_port()}
     values["devidp"] = {"enabled": idp, "port": idp_port, "accounts": "accounts.yaml"}
     values["iam"]["issuer"] = issuer or f"http://127.0.0.1:{idp_port}/"
-    values["spawner"]["storage_root"] = "state/storage"
+    # pytest's tmp dirs are mode 0700: notebooks running under their users' own
+    # uids could not reach their homes there, so storage lives in a 0755 dir
+    storage = Path(tempfile.mkdtemp(prefix="labfleet-storage-"))
+    storage.chmod(0o755)
+    values["spawner"]["storage_root"] = str(storage)
     (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(values))
     return values
 
@@ -155,10 +160,11 @@ def stop_platform(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory):
     config_dir = tmp_path_factory.mktemp("platform")
-    write_config(config_dir)
+    values = write_config(config_dir)
     running = start_platform(config_dir)
     yield running
     stop_platform(running.process)
+    shutil.rmtree(values["spawner"]["storage_root"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

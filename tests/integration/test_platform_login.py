@@ -8,6 +8,7 @@ callback, the spawn form and JupyterLab.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -87,20 +88,30 @@ def test_allowed_user_reaches_jupyterlab(platform, page):
     pids = subprocess.run(
         ["pgrep", "-f", "jupyterhub-singleuser"], capture_output=True, text=True
     ).stdout.split()
-    environs = []
+    environs = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                environs.append(f.read().decode(errors="replace"))
+                environs[pid] = f.read().decode(errors="replace")
         except OSError:
             continue
-    mine = [e for e in environs if "JUPYTERHUB_USER=alice" in e]
+    mine = [e for e in environs.values() if "JUPYTERHUB_USER=alice" in e]
     assert mine, "alice's single-user server process not found"
     secret = platform.client_secret()
     for environ in mine:
         assert secret not in environ
         assert "LABFLEET_PROFILE=cpu" in environ
         assert "refresh_token" not in environ.lower()
+    # the notebook runs under alice's own uid unless the hub said it could not
+    alice_pid = next(p for p, e in environs.items() if "JUPYTERHUB_USER=alice" in e)
+    uid = os.stat(f"/proc/{alice_pid}").st_uid
+    hub_log = (platform.state_dir / "logs" / "jupyterhub.log").read_text()
+    if "Not isolating users" not in hub_log:
+        assert uid >= 200000, f"alice's notebook runs as uid {uid}"
+        home = next(line for line in mine[0].split("\0") if line.startswith("LABFLEET_HOME="))
+        home_path = home.split("=", 1)[1]
+        assert os.stat(home_path).st_uid == uid
+        assert os.stat(home_path).st_mode & 0o777 == 0o700
     stop_server(platform, page, "alice")
 
 
