@@ -17,17 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from k8s_helpers import clusterlib
 
-ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, str(HERE))
 
-
+from k8s_helpers import clusterlib  # noqa: E402
 
 
 def _in_ci() -> bool:
