@@ -1,0 +1,149 @@
+"""IAMAuthenticator against the real development identity provider.
+
+The hub user is a small stand-in (auth state kept in memory); discovery,
+token exchange, refresh and userinfo are real OpenID Connect requests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import yaml
+from tornado import web
+
+from labfleet_hub.authenticator import IAMAuthenticator, IdentityProviderUnavailable
+from tests.conftest import free_port
+
+from .test_devidp_oauthenticator import flow
+
+
+class HubUser:
+    def __init__(self, name, auth_state):
+        self.name = name
+        self._auth_state = auth_state
+
+    async def get_auth_state(self):
+        return self._auth_state
+
+    async def save_auth_state(self, auth_state):
+        self._auth_state = auth_state
+
+
+@pytest.fixture
+def idp(tmp_path):
+    accounts = tmp_path / "accounts.yaml"
+    shutil.copy(flow.ACCOUNTS, accounts)
+    server = flow._start(tmp_path, accounts)
+    server.accounts = accounts
+    yield server
+    server.stop()
+
+
+def make_authenticator(issuer, **kw):
+    return IAMAuthenticator(
+        issuer=issuer,
+        client_id=flow.CLIENT_ID,
+        client_secret=flow.CLIENT_SECRET,
+        oauth_callback_url=flow.REDIRECT_URI,
+        group_prefix="ai-infn/",
+        allowed_groups={"users"},
+        admin_groups={"admins"},
+        **kw,
+    )
+
+
+async def login(auth, idp, username):
+    await auth.discover()
+    code, verifier, _ = flow.login(idp, username, f"{username}-pass")
+    params = {
+        "code": code,
+        "grant_type": "authorization_code",
+        "redirect_uri": flow.REDIRECT_URI,
+        "code_verifier": verifier,
+        "client_id": auth.client_id,
+        "client_secret": auth.client_secret,
+    }
+    token_info = await auth.get_token_info(None, params)
+    return await auth._token_to_auth_model(token_info)
+
+
+def set_groups(idp, username, groups):
+    data = yaml.safe_load(idp.accounts.read_text())
+    for user in data["users"]:
+        if user["username"] == username:
+            user["groups"] = groups
+    idp.accounts.write_text(yaml.safe_dump(data))
+    idp.reload_accounts()
+
+
+async def test_discovery_fills_endpoints_and_scopes(idp):
+    auth = make_authenticator(idp.issuer + "/")
+    assert not auth.token_url
+    await auth.discover()
+    assert auth.authorize_url == f"{idp.issuer}/authorize"
+    assert auth.token_url == f"{idp.issuer}/token"
+    assert auth.userdata_url == f"{idp.issuer}/userinfo"
+    assert auth.scope == ["openid", "profile", "email", "offline_access", "wlcg", "wlcg.groups"]
+    assert auth.enable_pkce and auth.manage_groups and auth.refresh_pre_spawn
+
+
+async def test_login_maps_groups_and_admin(idp):
+    auth = make_authenticator(idp.issuer)
+    model = await login(auth, idp, "carol")
+    assert model["name"] == "carol"
+    assert set(model["groups"]) == {"users", "admins", "ml"}
+    assert model["admin"] is True
+    assert model["auth_state"]["expires_at"] > time.time()
+    model = await login(auth, idp, "alice")
+    assert set(model["groups"]) == {"users", "ml"} and not model["admin"]
+    assert await auth.check_allowed("alice", model)
+    model = await login(auth, idp, "mallory")
+    assert model["groups"] == []
+    assert not await auth.check_allowed("mallory", model)
+
+
+async def test_refresh_uses_refresh_token_when_expiring_and_rereads_groups(idp):
+    auth = make_authenticator(idp.issuer)
+    model = await login(auth, idp, "bob")
+    user = HubUser("bob", model["auth_state"])
+    old_token = model["auth_state"]["access_token"]
+    set_groups(idp, "bob", ["ai-infn/users", "ai-infn/fpga"])
+    # pretend the access token is about to expire: the refresh token must be used
+    user._auth_state["expires_at"] = time.time() + 10
+    refreshed = await auth.refresh_user(user)
+    assert refreshed["auth_state"]["access_token"] != old_token
+    assert set(refreshed["groups"]) == {"users", "fpga"}
+
+
+async def test_refresh_refuses_user_removed_from_allowed_groups(idp):
+    auth = make_authenticator(idp.issuer)
+    model = await login(auth, idp, "alice")
+    user = HubUser("alice", model["auth_state"])
+    set_groups(idp, "alice", ["other-org/users"])
+    with pytest.raises(web.HTTPError) as info:
+        await auth.refresh_user(user)
+    assert info.value.status_code == 403
+    assert "no longer a member of a group allowed" in info.value.log_message
+
+
+async def test_fresh_access_token_refreshes_and_saves(idp):
+    auth = make_authenticator(idp.issuer)
+    model = await login(auth, idp, "alice")
+    user = HubUser("alice", model["auth_state"])
+    same = await auth.fresh_access_token(user)
+    assert same["access_token"] == model["auth_state"]["access_token"]
+    user._auth_state["expires_at"] = time.time()
+    fresh = await auth.fresh_access_token(user)
+    assert fresh["access_token"] != same["access_token"]
+    assert user._auth_state["access_token"] == fresh["access_token"]
+    assert "refresh_token" not in fresh
+
+
+async def test_unreachable_issuer_is_a_clear_503():
+    auth = make_authenticator(f"http://127.0.0.1:{free_port()}/")
+    with pytest.raises(IdentityProviderUnavailable) as info:
+        await auth.discover()
+    assert info.value.status_code == 503
+    assert "cannot be reached right now" in str(info.value)
