@@ -11,9 +11,9 @@ import time
 
 import pytest
 import yaml
+from labfleet_hub.authenticator import IAMAuthenticator, IdentityProviderUnavailable
 from tornado import web
 
-from labfleet_hub.authenticator import IAMAuthenticator, IdentityProviderUnavailable
 from tests.conftest import free_port
 
 from .test_devidp_oauthenticator import flow

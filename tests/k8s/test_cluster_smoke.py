@@ -22,9 +22,22 @@ KUEUE = "kueue.x-k8s.io/v1beta2"
 # helpers
 
 
-_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-           "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-           "m": Fraction(1, 1000), "": 1}
+_SUFFIX = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "m": Fraction(1, 1000),
+    "": 1,
+}
 
 
 def quantity(q: str) -> Fraction:
@@ -51,21 +64,35 @@ def flavor(name: str, product: str) -> dict:
     }
 
 
-def cluster_queue(name: str, rf: str, gpus: int, *, cohort: str | None = None,
-                  preemption: dict | None = None, borrowing_limit: int | None = None) -> dict:
+def cluster_queue(
+    name: str,
+    rf: str,
+    gpus: int,
+    *,
+    cohort: str | None = None,
+    preemption: dict | None = None,
+    borrowing_limit: int | None = None,
+) -> dict:
     gpu_quota: dict = {"name": "nvidia.com/gpu", "nominalQuota": gpus}
     if borrowing_limit is not None:
         gpu_quota["borrowingLimit"] = borrowing_limit
     spec: dict = {
         "namespaceSelector": {},
-        "resourceGroups": [{
-            "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-            "flavors": [{"name": rf, "resources": [
-                {"name": "cpu", "nominalQuota": 16},
-                {"name": "memory", "nominalQuota": "64Gi"},
-                gpu_quota,
-            ]}],
-        }],
+        "resourceGroups": [
+            {
+                "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                "flavors": [
+                    {
+                        "name": rf,
+                        "resources": [
+                            {"name": "cpu", "nominalQuota": 16},
+                            {"name": "memory", "nominalQuota": "64Gi"},
+                            gpu_quota,
+                        ],
+                    }
+                ],
+            }
+        ],
     }
     if cohort:
         spec["cohortName"] = cohort
@@ -75,12 +102,24 @@ def cluster_queue(name: str, rf: str, gpus: int, *, cohort: str | None = None,
 
 
 def local_queue(name: str, ns: str, cq: str) -> dict:
-    return {"apiVersion": KUEUE, "kind": "LocalQueue",
-            "metadata": {"name": name, "namespace": ns}, "spec": {"clusterQueue": cq}}
+    return {
+        "apiVersion": KUEUE,
+        "kind": "LocalQueue",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterQueue": cq},
+    }
 
 
-def job(name: str, ns: str, queue: str, gpus: int, *, priority_class: str | None = None,
-        pod_annotations: dict | None = None, suspend: bool = True) -> dict:
+def job(
+    name: str,
+    ns: str,
+    queue: str,
+    gpus: int,
+    *,
+    priority_class: str | None = None,
+    pod_annotations: dict | None = None,
+    suspend: bool = True,
+) -> dict:
     labels = {"kueue.x-k8s.io/queue-name": queue}
     if priority_class:
         labels["kueue.x-k8s.io/priority-class"] = priority_class
@@ -98,11 +137,13 @@ def job(name: str, ns: str, queue: str, gpus: int, *, priority_class: str | None
                 "metadata": {"annotations": pod_annotations or {}},
                 "spec": {
                     "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "main",
-                        "image": "registry.invalid/labfleet/test:0",
-                        "resources": {"requests": res, "limits": {"nvidia.com/gpu": str(gpus)}},
-                    }],
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "registry.invalid/labfleet/test:0",
+                            "resources": {"requests": res, "limits": {"nvidia.com/gpu": str(gpus)}},
+                        }
+                    ],
                 },
             },
         },
@@ -115,8 +156,10 @@ def get(c, *args) -> dict:
 
 def workload_of(c, ns: str, job_name: str) -> dict | None:
     for wl in get(c, "workloads.kueue.x-k8s.io", "-n", ns)["items"]:
-        if any(o.get("kind") == "Job" and o.get("name") == job_name
-               for o in wl["metadata"].get("ownerReferences", [])):
+        if any(
+            o.get("kind") == "Job" and o.get("name") == job_name
+            for o in wl["metadata"].get("ownerReferences", [])
+        ):
             return wl
     return None
 
@@ -146,20 +189,28 @@ def admitted_workload(c, ns: str, job_name: str, timeout: float = 30) -> dict:
 def running_pod(c, ns: str, job_name: str, timeout: float = 30) -> dict:
     def find():
         pods = get(c, "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job_name}")["items"]
-        running = [p for p in pods if p["status"].get("phase") == "Running"
-                   and p["status"].get("podIP")]
+        running = [
+            p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")
+        ]
         return running[0] if running else None
+
     return wait_for(f"a Running pod of job {ns}/{job_name}", find, timeout)
 
 
 def wait_cq_active(c, name: str) -> None:
-    wait_for(f"ClusterQueue {name} Active",
-             lambda: is_true(get(c, "clusterqueues.kueue.x-k8s.io", name), "Active"), 30)
+    wait_for(
+        f"ClusterQueue {name} Active",
+        lambda: is_true(get(c, "clusterqueues.kueue.x-k8s.io", name), "Active"),
+        30,
+    )
 
 
 def wait_lq_active(c, ns: str, name: str) -> None:
-    wait_for(f"LocalQueue {ns}/{name} Active",
-             lambda: is_true(get(c, "localqueues.kueue.x-k8s.io", "-n", ns, name), "Active"), 30)
+    wait_for(
+        f"LocalQueue {ns}/{name} Active",
+        lambda: is_true(get(c, "localqueues.kueue.x-k8s.io", "-n", ns, name), "Active"),
+        30,
+    )
 
 
 def gpu_usage(c, cq: str) -> dict:
@@ -173,8 +224,11 @@ def gpu_usage(c, cq: str) -> dict:
 
 
 def node_of_product(fleet: list[dict], product: str) -> str:
-    names = [n["metadata"]["name"] for n in fleet
-             if n["metadata"]["labels"].get("nvidia.com/gpu.product") == product]
+    names = [
+        n["metadata"]["name"]
+        for n in fleet
+        if n["metadata"]["labels"].get("nvidia.com/gpu.product") == product
+    ]
     assert len(names) == 1, names
     return names[0]
 
@@ -223,8 +277,7 @@ def test_job_admitted_and_placed_on_flavor_node(k8s_cluster, k8s_namespace, flee
     wait_cq_active(c, cq)
     wait_lq_active(c, ns, lq)
 
-    c.apply(job("train", ns, lq, gpus=1,
-                pod_annotations={"labfleet.io/fake-complete-after": "1h"}))
+    c.apply(job("train", ns, lq, gpus=1, pod_annotations={"labfleet.io/fake-complete-after": "1h"}))
     wl = admitted_workload(c, ns, "train")
     assignment = wl["status"]["admission"]["podSetAssignments"][0]
     assert assignment["flavors"]["nvidia.com/gpu"] == rf
@@ -239,12 +292,17 @@ def test_job_admitted_and_placed_on_flavor_node(k8s_cluster, k8s_namespace, flee
 
     # pods keep running (holding quota) until told to complete
     wait_for("ClusterQueue usage of 1 GPU", lambda: gpu_usage(c, cq)["total"] == "1", 15)
-    c.kubectl("annotate", "pod", "-n", ns, pod["metadata"]["name"],
-              "labfleet.io/fake-complete-after=0s", "--overwrite")
-    wait_for("job to complete",
-             lambda: is_true(get(c, "job", "-n", ns, "train"), "Complete"), 30)
-    wait_for("workload to finish",
-             lambda: is_true(workload_of(c, ns, "train"), "Finished"), 30)
+    c.kubectl(
+        "annotate",
+        "pod",
+        "-n",
+        ns,
+        pod["metadata"]["name"],
+        "labfleet.io/fake-complete-after=0s",
+        "--overwrite",
+    )
+    wait_for("job to complete", lambda: is_true(get(c, "job", "-n", ns, "train"), "Complete"), 30)
+    wait_for("workload to finish", lambda: is_true(workload_of(c, ns, "train"), "Finished"), 30)
 
 
 def test_job_beyond_quota_stays_pending(k8s_cluster, k8s_namespace):
@@ -261,7 +319,9 @@ def test_job_beyond_quota_stays_pending(k8s_cluster, k8s_namespace):
     def pending_reason():
         wl = workload_of(c, ns, "extra")
         cnd = condition(wl, "QuotaReserved")
-        return cnd if cnd and cnd["status"] == "False" and "insufficient" in cnd["message"] else None
+        return (
+            cnd if cnd and cnd["status"] == "False" and "insufficient" in cnd["message"] else None
+        )
 
     cnd = wait_for("workload 'extra' to report insufficient quota", pending_reason, 30)
     assert cnd["reason"] == "Pending"
@@ -279,11 +339,13 @@ def test_borrowing_within_cohort(k8s_cluster, k8s_namespace, fleet):
     c, ns, s = k8s_cluster, k8s_namespace, uid()
     rf, cohort = f"rtx-{s}", f"co-{s}"
     lender, borrower = f"cq-lend-{s}", f"cq-borrow-{s}"
-    c.apply([
-        flavor(rf, "Quadro-RTX-5000"),
-        cluster_queue(lender, rf, gpus=3, cohort=cohort),
-        cluster_queue(borrower, rf, gpus=1, cohort=cohort),
-    ])
+    c.apply(
+        [
+            flavor(rf, "Quadro-RTX-5000"),
+            cluster_queue(lender, rf, gpus=3, cohort=cohort),
+            cluster_queue(borrower, rf, gpus=1, cohort=cohort),
+        ]
+    )
     c.apply([local_queue("lend", ns, lender), local_queue("borrow", ns, borrower)])
     wait_cq_active(c, lender)
     wait_cq_active(c, borrower)
@@ -295,18 +357,33 @@ def test_borrowing_within_cohort(k8s_cluster, k8s_namespace, fleet):
 
     # ... so the borrower's 3-GPU job (1 own + 2 borrowed) must wait
     c.apply(job("borrower-job", ns, "borrow", gpus=3))
-    wait_for("borrower workload pending",
-             lambda: (cnd := condition(workload_of(c, ns, "borrower-job"), "QuotaReserved"))
-             and cnd["status"] == "False", 30)
+    wait_for(
+        "borrower workload pending",
+        lambda: (
+            (cnd := condition(workload_of(c, ns, "borrower-job"), "QuotaReserved"))
+            and cnd["status"] == "False"
+        ),
+        30,
+    )
     assert not is_true(workload_of(c, ns, "borrower-job"), "Admitted")
 
     # the lender's job finishes: its quota is lent to the borrower
-    c.kubectl("annotate", "pod", "-n", ns, lender_pod["metadata"]["name"],
-              "labfleet.io/fake-complete-after=0s", "--overwrite")
+    c.kubectl(
+        "annotate",
+        "pod",
+        "-n",
+        ns,
+        lender_pod["metadata"]["name"],
+        "labfleet.io/fake-complete-after=0s",
+        "--overwrite",
+    )
     wl = admitted_workload(c, ns, "borrower-job", timeout=45)
     assert wl["status"]["admission"]["clusterQueue"] == borrower
-    gpu = wait_for("borrower usage of 3 GPUs, 2 borrowed",
-                   lambda: (u := gpu_usage(c, borrower))["total"] == "3" and u, 15)
+    gpu = wait_for(
+        "borrower usage of 3 GPUs, 2 borrowed",
+        lambda: (u := gpu_usage(c, borrower))["total"] == "3" and u,
+        15,
+    )
     assert gpu["borrowed"] == "2", gpu
     pod = running_pod(c, ns, "borrower-job")
     assert pod["spec"]["nodeName"] == node_of_product(fleet, "Quadro-RTX-5000")
@@ -316,12 +393,24 @@ def test_priority_preemption_within_cluster_queue(k8s_cluster, k8s_namespace, fl
     c, ns, s = k8s_cluster, k8s_namespace, uid()
     rf, cq, lq = f"a30-{s}", f"cq-a30-{s}", "team"
     low, high = f"low-{s}", f"high-{s}"
-    c.apply([
-        flavor(rf, "NVIDIA-A30"),
-        cluster_queue(cq, rf, gpus=1, preemption={"withinClusterQueue": "LowerPriority"}),
-        {"apiVersion": KUEUE, "kind": "WorkloadPriorityClass", "metadata": {"name": low}, "value": 100},
-        {"apiVersion": KUEUE, "kind": "WorkloadPriorityClass", "metadata": {"name": high}, "value": 1000},
-    ])
+    c.apply(
+        [
+            flavor(rf, "NVIDIA-A30"),
+            cluster_queue(cq, rf, gpus=1, preemption={"withinClusterQueue": "LowerPriority"}),
+            {
+                "apiVersion": KUEUE,
+                "kind": "WorkloadPriorityClass",
+                "metadata": {"name": low},
+                "value": 100,
+            },
+            {
+                "apiVersion": KUEUE,
+                "kind": "WorkloadPriorityClass",
+                "metadata": {"name": high},
+                "value": 1000,
+            },
+        ]
+    )
     c.apply(local_queue(lq, ns, cq))
     wait_cq_active(c, cq)
 

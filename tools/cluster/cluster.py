@@ -45,8 +45,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import yaml
 
@@ -258,10 +259,24 @@ def make_pki(pki: Path) -> None:
     """CA, a serving/client certificate for 127.0.0.1 and a service-account key."""
     pki.mkdir(parents=True, exist_ok=True)
     _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=labfleet-test-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-sha256",
+        "-days",
+        "30",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=labfleet-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         cwd=pki,
     )
     (pki / "server.ext").write_text(
@@ -272,14 +287,35 @@ def make_pki(pki: Path) -> None:
         "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
     )
     _openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-        "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
         cwd=pki,
     )
     _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "30", "-sha256",
-        "-extfile", "server.ext",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "30",
+        "-sha256",
+        "-extfile",
+        "server.ext",
         cwd=pki,
     )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
@@ -304,7 +340,10 @@ def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
         ],
         "users": [{"name": "labfleet-admin", "user": {"token": token}}],
         "contexts": [
-            {"name": "labfleet-test", "context": {"cluster": "labfleet-test", "user": "labfleet-admin"}}
+            {
+                "name": "labfleet-test",
+                "context": {"cluster": "labfleet-test", "user": "labfleet-admin"},
+            }
         ],
         "current-context": "labfleet-test",
     }
@@ -325,7 +364,11 @@ def load_fleet(path: Path | str = DEFAULT_FLEET) -> list[dict]:
         ip = n["ip"]
         if ipaddress.ip_address(ip) not in ipaddress.ip_network("127.0.0.0/8"):
             raise ClusterError(f"fleet node {n['name']}: ip {ip} is outside 127.0.0.0/8")
-        labels = {**defaults.get("labels", {}), "kubernetes.io/hostname": n["name"], **n.get("labels", {})}
+        labels = {
+            **defaults.get("labels", {}),
+            "kubernetes.io/hostname": n["name"],
+            **n.get("labels", {}),
+        }
         capacity = {**defaults.get("capacity", {}), **n.get("capacity", {})}
         allocatable = {**capacity, **n.get("allocatable", {})}
         node = {
@@ -409,7 +452,7 @@ class Cluster:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
     @classmethod
-    def from_state(cls, state_dir: Path | str) -> "Cluster":
+    def from_state(cls, state_dir: Path | str) -> Cluster:
         state_dir = Path(state_dir)
         d = json.loads((state_dir / "cluster.json").read_text())
         return cls(
@@ -464,7 +507,9 @@ class _Procs:
         self.popen: dict[str, subprocess.Popen] = {}
         self.record: dict[str, dict] = {}
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
@@ -492,7 +537,8 @@ class _Procs:
         p = self.popen[name]
         if p.poll() is not None:
             raise ClusterError(
-                f"{name} exited with status {p.returncode}; last log lines:\n{tail(self.logs / f'{name}.log')}"
+                f"{name} exited with status {p.returncode}; last log lines:\n"
+                + tail(self.logs / f"{name}.log")
             )
 
 
@@ -528,7 +574,9 @@ def _wait(
         time.sleep(interval)
 
 
-def stop_cluster(state_dir: Path | str, timeout: float = 15, progress: Progress | None = None) -> None:
+def stop_cluster(
+    state_dir: Path | str, timeout: float = 15, progress: Progress | None = None
+) -> None:
     """Stop every process of the cluster in state_dir; raise if any survives."""
     progress = progress or _print
     state_dir = Path(state_dir)
@@ -537,7 +585,10 @@ def stop_cluster(state_dir: Path | str, timeout: float = 15, progress: Progress 
         return
     record: dict[str, dict] = json.loads(pid_file.read_text())
     groups: list[tuple[str, int]] = []
-    for name in reversed([n for n in COMPONENT_ORDER if n in record] + [n for n in record if n not in COMPONENT_ORDER]):
+    for name in reversed(
+        [n for n in COMPONENT_ORDER if n in record]
+        + [n for n in record if n not in COMPONENT_ORDER]
+    ):
         pid = record[name]["pid"]
         # guard against pid reuse: the leader must be the process we started,
         # or already gone (its group may still have members)
@@ -545,7 +596,7 @@ def stop_cluster(state_dir: Path | str, timeout: float = 15, progress: Progress 
         if start is not None and record[name].get("start") not in (None, start):
             continue
         groups.append((name, pid))
-    for name, pgid in groups:
+    for _name, pgid in groups:
         try:
             os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
@@ -631,7 +682,10 @@ def kueue_webhook_manifests(manifests: Path, base_url: str, ca_pem: bytes) -> li
     ca = base64.b64encode(ca_pem).decode()
     out = []
     for doc in yaml.safe_load_all(manifests.read_text()):
-        if not doc or doc.get("kind") not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        if not doc or doc.get("kind") not in (
+            "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
+        ):
             continue
         hooks = []
         for h in doc.get("webhooks", []):
@@ -645,7 +699,10 @@ def kueue_webhook_manifests(manifests: Path, base_url: str, ca_pem: bytes) -> li
             {
                 "apiVersion": "admissionregistration.k8s.io/v1",
                 "kind": kind,
-                "metadata": {"name": "labfleet-kueue-" + ("mutating" if kind.startswith("Mutating") else "validating")},
+                "metadata": {
+                    "name": "labfleet-kueue-"
+                    + ("mutating" if kind.startswith("Mutating") else "validating")
+                },
                 "webhooks": hooks,
             }
         )
@@ -667,7 +724,9 @@ def start_cluster(
     progress = progress or _print
     state_dir = Path(state_dir).resolve()
     if (state_dir / "pids.json").exists():
-        raise ClusterError(f"{state_dir} already holds a running cluster (pids.json); run 'down' first")
+        raise ClusterError(
+            f"{state_dir} already holds a running cluster (pids.json); run 'down' first"
+        )
     b = ensure_binaries(build=build, progress=progress)
     state_dir.mkdir(parents=True, exist_ok=True)
     procs = _Procs(state_dir, die_with_parent)
@@ -700,8 +759,17 @@ def _start(
     (pki / "tokens.csv").write_text(f'{token},labfleet-admin,labfleet-admin,"system:masters"\n')
     (pki / "tokens.csv").chmod(0o600)
 
-    names = ["etcd-client", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok",
-             "kueue-webhook", "kueue-metrics", "kueue-health"]
+    names = [
+        "etcd-client",
+        "etcd-peer",
+        "apiserver",
+        "kcm",
+        "scheduler",
+        "kwok",
+        "kueue-webhook",
+        "kueue-metrics",
+        "kueue-health",
+    ]
     ports: dict[str, int] = {}
     while len(set(ports.values())) != len(names):
         ports = {n: free_port() for n in names}
@@ -723,92 +791,181 @@ def _start(
     etcd_url = f"http://127.0.0.1:{ports['etcd-client']}"
     peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
     progress(f"starting etcd on {etcd_url}")
-    procs.start("etcd", [
-        str(b.etcd), "--name", "labfleet", "--data-dir", str(state_dir / "etcd"),
-        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"labfleet={peer_url}", "--initial-cluster-state", "new",
-        "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3),
-        "--log-level", "warn",
-    ])
+    procs.start(
+        "etcd",
+        [
+            str(b.etcd),
+            "--name",
+            "labfleet",
+            "--data-dir",
+            str(state_dir / "etcd"),
+            "--listen-client-urls",
+            etcd_url,
+            "--advertise-client-urls",
+            etcd_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"labfleet={peer_url}",
+            "--initial-cluster-state",
+            "new",
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes",
+            str(2 * 1024**3),
+            "--log-level",
+            "warn",
+        ],
+    )
     _wait("etcd /health", lambda: _http_ok(etcd_url + "/health"), 30, procs, "etcd")
 
     # kube-apiserver ---------------------------------------------------------
     progress(f"starting kube-apiserver on {server}")
-    procs.start("kube-apiserver", [
-        str(b.kube_apiserver),
-        "--etcd-servers", etcd_url,
-        "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-        "--secure-port", str(ports["apiserver"]),
-        "--tls-cert-file", str(pki / "server.crt"), "--tls-private-key-file", str(pki / "server.key"),
-        "--client-ca-file", str(pki / "ca.crt"),
-        "--token-auth-file", str(pki / "tokens.csv"),
-        "--authorization-mode", "Node,RBAC",
-        "--service-account-issuer", "https://kubernetes.default.svc",
-        "--service-account-key-file", str(pki / "sa.pub"),
-        "--service-account-signing-key-file", str(pki / "sa.key"),
-        "--service-cluster-ip-range", SERVICE_CIDR,
-        "--endpoint-reconciler-type", "none",
-        "--allow-privileged=true",
-        "--profiling=false",
-        "--v=1",
-    ])
+    procs.start(
+        "kube-apiserver",
+        [
+            str(b.kube_apiserver),
+            "--etcd-servers",
+            etcd_url,
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(ports["apiserver"]),
+            "--tls-cert-file",
+            str(pki / "server.crt"),
+            "--tls-private-key-file",
+            str(pki / "server.key"),
+            "--client-ca-file",
+            str(pki / "ca.crt"),
+            "--token-auth-file",
+            str(pki / "tokens.csv"),
+            "--authorization-mode",
+            "Node,RBAC",
+            "--service-account-issuer",
+            "https://kubernetes.default.svc",
+            "--service-account-key-file",
+            str(pki / "sa.pub"),
+            "--service-account-signing-key-file",
+            str(pki / "sa.key"),
+            "--service-cluster-ip-range",
+            SERVICE_CIDR,
+            "--endpoint-reconciler-type",
+            "none",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
     _wait(
         "kube-apiserver /readyz",
         lambda: _api_get(server, "/readyz", token, pki / "ca.crt") == "ok",
-        60, procs, "kube-apiserver", interval=0.5,
+        60,
+        procs,
+        "kube-apiserver",
+        interval=0.5,
     )
     progress(f"kube-apiserver ready ({time.monotonic() - t0:.0f}s)")
 
     # controller-manager + scheduler -----------------------------------------
     progress("starting kube-controller-manager and kube-scheduler")
-    procs.start("kube-controller-manager", [
-        str(b.kube_controller_manager),
-        "--kubeconfig", str(kubeconfig),
-        "--bind-address", "127.0.0.1", "--secure-port", str(ports["kcm"]),
-        "--cert-dir", str(state_dir / "kcm-certs"),
-        "--leader-elect=false",
-        "--service-account-private-key-file", str(pki / "sa.key"),
-        "--root-ca-file", str(pki / "ca.crt"),
-        "--use-service-account-credentials=false",
-        "--controllers", "*",
-        "--node-monitor-grace-period", "60s",
-        "--v=1",
-    ])
-    procs.start("kube-scheduler", [
-        str(b.kube_scheduler),
-        "--kubeconfig", str(kubeconfig),
-        "--bind-address", "127.0.0.1", "--secure-port", str(ports["scheduler"]),
-        "--cert-dir", str(state_dir / "scheduler-certs"),
-        "--leader-elect=false",
-        "--v=1",
-    ])
+    procs.start(
+        "kube-controller-manager",
+        [
+            str(b.kube_controller_manager),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(ports["kcm"]),
+            "--cert-dir",
+            str(state_dir / "kcm-certs"),
+            "--leader-elect=false",
+            "--service-account-private-key-file",
+            str(pki / "sa.key"),
+            "--root-ca-file",
+            str(pki / "ca.crt"),
+            "--use-service-account-credentials=false",
+            "--controllers",
+            "*",
+            "--node-monitor-grace-period",
+            "60s",
+            "--v=1",
+        ],
+    )
+    procs.start(
+        "kube-scheduler",
+        [
+            str(b.kube_scheduler),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(ports["scheduler"]),
+            "--cert-dir",
+            str(state_dir / "scheduler-certs"),
+            "--leader-elect=false",
+            "--v=1",
+        ],
+    )
 
     # CRDs while the controllers come up ---------------------------------------
     if kueue:
         progress("installing Kueue CRDs")
         cluster.kubectl("apply", "--server-side", "-f", str(b.kueue_crds), timeout=120)
-        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}})
+        cluster.apply(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}}
+        )
 
-    _wait("kube-controller-manager /healthz",
-          lambda: _http_ok(f"https://127.0.0.1:{ports['kcm']}/healthz"), 60, procs, "kube-controller-manager")
-    _wait("kube-scheduler /healthz",
-          lambda: _http_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"), 60, procs, "kube-scheduler")
+    _wait(
+        "kube-controller-manager /healthz",
+        lambda: _http_ok(f"https://127.0.0.1:{ports['kcm']}/healthz"),
+        60,
+        procs,
+        "kube-controller-manager",
+    )
+    _wait(
+        "kube-scheduler /healthz",
+        lambda: _http_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"),
+        60,
+        procs,
+        "kube-scheduler",
+    )
 
     # kwok + fleet -------------------------------------------------------------
     progress(f"starting kwok (pod CIDR {POD_CIDR})")
-    procs.start("kwok", [
-        str(b.kwok),
-        "-c", str(STAGES_FILE),
-        "--kubeconfig", str(kubeconfig),
-        "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector", "=".join(KWOK_NODE_ANNOTATION),
-        "--cidr", POD_CIDR,
-        "--node-ip", KWOK_NODE_IP,
-        "--server-address", f"127.0.0.1:{ports['kwok']}",
-        "--node-lease-duration-seconds", "40",
-    ])
-    _wait("kwok /healthz", lambda: _http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz"), 30, procs, "kwok")
+    procs.start(
+        "kwok",
+        [
+            str(b.kwok),
+            "-c",
+            str(STAGES_FILE),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector",
+            "=".join(KWOK_NODE_ANNOTATION),
+            "--cidr",
+            POD_CIDR,
+            "--node-ip",
+            KWOK_NODE_IP,
+            "--server-address",
+            f"127.0.0.1:{ports['kwok']}",
+            "--node-lease-duration-seconds",
+            "40",
+        ],
+    )
+    _wait(
+        "kwok /healthz",
+        lambda: _http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz"),
+        30,
+        procs,
+        "kwok",
+    )
 
     nodes: list[dict] = []
     if fleet:
@@ -823,27 +980,59 @@ def _start(
         shutil.copy(pki / "server.crt", certdir / "tls.crt")
         shutil.copy(pki / "server.key", certdir / "tls.key")
         _kueue_config(state_dir / "kueue-config.yaml", ports, certdir)
-        cluster.kubectl("wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s",
-                        timeout=90)
+        cluster.kubectl(
+            "wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s", timeout=90
+        )
         progress("starting Kueue manager")
-        procs.start("kueue", [
-            str(b.kueue),
-            "--config", str(state_dir / "kueue-config.yaml"),
-            "--feature-gates", "VisibilityOnDemand=false",
-        ], env={**os.environ, "KUBECONFIG": str(kubeconfig), "KUEUE_METRICS_CERT_DIR": str(certdir)})
-        _wait("Kueue /readyz", lambda: _http_ok(f"http://127.0.0.1:{ports['kueue-health']}/readyz"),
-              90, procs, "kueue", interval=0.5)
+        procs.start(
+            "kueue",
+            [
+                str(b.kueue),
+                "--config",
+                str(state_dir / "kueue-config.yaml"),
+                "--feature-gates",
+                "VisibilityOnDemand=false",
+            ],
+            env={
+                **os.environ,
+                "KUBECONFIG": str(kubeconfig),
+                "KUEUE_METRICS_CERT_DIR": str(certdir),
+            },
+        )
+        _wait(
+            "Kueue /readyz",
+            lambda: _http_ok(f"http://127.0.0.1:{ports['kueue-health']}/readyz"),
+            90,
+            procs,
+            "kueue",
+            interval=0.5,
+        )
         if webhooks:
             progress(f"registering Kueue webhooks at https://127.0.0.1:{ports['kueue-webhook']}")
-            cluster.apply(kueue_webhook_manifests(
-                b.kueue_webhooks, f"https://127.0.0.1:{ports['kueue-webhook']}", (pki / "ca.crt").read_bytes()))
+            cluster.apply(
+                kueue_webhook_manifests(
+                    b.kueue_webhooks,
+                    f"https://127.0.0.1:{ports['kueue-webhook']}",
+                    (pki / "ca.crt").read_bytes(),
+                )
+            )
 
     # readiness ------------------------------------------------------------------
     if nodes:
         progress("waiting for the fleet to be Ready")
-        cluster.kubectl("wait", "--for", "condition=Ready", "node", "--all", "--timeout", "60s", timeout=90)
-    _wait("default service account", lambda: cluster.kubectl(
-        "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, 60)
+        cluster.kubectl(
+            "wait", "--for", "condition=Ready", "node", "--all", "--timeout", "60s", timeout=90
+        )
+    _wait(
+        "default service account",
+        lambda: (
+            cluster.kubectl(
+                "get", "serviceaccount", "default", "-n", "default", check=False
+            ).returncode
+            == 0
+        ),
+        60,
+    )
     for name in procs.popen:
         procs.check_alive(name)
 
@@ -857,7 +1046,9 @@ def _start(
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the cluster (processes keep running after exit)")
     up.add_argument("--state", required=True, type=Path)
