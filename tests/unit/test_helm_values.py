@@ -5,7 +5,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from labfleet_hub.configurer import parse_values
 
 ROOT = Path(__file__).resolve().parents[2]
