@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
+from .procs import die_with_parent
 
 CHP_VERSION = "5.3.0"
 DEFAULT_CONFIG = "config/labfleet.yaml"
@@ -150,6 +151,7 @@ def cmd_up(args) -> int:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def stop(*_):

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from labfleet_hub.procs import die_with_parent
+
 __all__ = [
     "BANNER",
     "DevIdP",
@@ -509,6 +511,7 @@ def start(
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     except OSError as exc:
         log_file.close()

@@ -1,0 +1,21 @@
+"""Child processes that do not outlive the process that started them."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when its parent dies (Linux only).
+
+    ``labfleet up`` may be killed without a chance to clean up (SIGKILL, a
+    closed terminal, a test runner timing out); the hub, the proxy and the
+    identity provider must not keep ports busy after it.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
