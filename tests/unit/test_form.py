@@ -24,6 +24,14 @@ def test_form_shows_availability_and_none_free():
     assert 'data-none-free="true"' in html
 
 
+def test_form_disables_accelerators_the_fleet_does_not_have():
+    html = render_form(offered_profiles(CATALOGUE, ["users"]), {"t4": (0, 0), "a30": (1, 1)})
+    t4 = html[html.index('id="profile-gpu-t4"') : html.index('id="fieldset-gpu-rtx5000"')]
+    assert "disabled" in t4 and "not available here" in t4
+    a30 = html[html.index('id="profile-gpu-a30"') : html.index('id="fieldset-mig-small"')]
+    assert "disabled" not in a30 and "1 of 1 free" in a30
+
+
 def test_form_escapes_message():
     html = render_form(offered_profiles(CATALOGUE, ["users"]), message="<script>x</script>")
     assert "<script>x" not in html and "&lt;script&gt;" in html
