@@ -8,13 +8,14 @@ cd "$(dirname "$0")/.."
 
 say() { printf '==> %s\n' "$*"; }
 
-want_system=${LABFLEET_SYSTEM_PACKAGES:-chromium}
+want_system=${LABFLEET_SYSTEM_PACKAGES:-}
 missing=()
 for pkg in $want_system; do
   case $pkg in
     chromium) command -v chromium >/dev/null || missing+=(chromium) ;;
     postgresql) ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql) ;;
     prometheus) command -v prometheus >/dev/null || missing+=(prometheus) ;;
+    openssl) command -v openssl >/dev/null || missing+=(openssl) ;;
   esac
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -6,7 +6,8 @@
 # With CI=true nothing may be skipped for a missing toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/bootstrap.sh
+# the browser tests need Chromium; accounting needs PostgreSQL and Prometheus
+LABFLEET_SYSTEM_PACKAGES="chromium postgresql prometheus openssl" bash tools/bootstrap.sh
 
 if command -v go >/dev/null && [ -x tools/cluster/build.sh ]; then
   echo "==> building (or reusing) the test cluster binaries"
