@@ -1,0 +1,188 @@
+"""``labfleet-accounting``: migrate the database, or run the service with its collectors.
+
+    labfleet-accounting migrate --AccountingApp.db_url=postgresql://...
+    labfleet-accounting serve  -f accounting_config.py
+
+Configuration is traitlets (a Python config file or ``--Class.trait=value``).
+As a hub-managed service, the hub's environment (``JUPYTERHUB_API_TOKEN``,
+``JUPYTERHUB_SERVICE_PREFIX``, ...) configures the OAuth client; it is read
+when the service starts, never at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from jupyterhub.services.auth import HubOAuth
+from prometheus_client import CollectorRegistry
+from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode
+from traitlets.config import Application, catch_config_error
+
+from . import db
+from .budgets import BudgetChecker
+from .ledger import Ledger
+from .metrics import LedgerMetrics
+from .reports import Weights
+from .service import Context, make_app
+from .spool import SpoolCollector
+
+
+class AccountingApp(Application):
+    name = "labfleet-accounting"
+    description = "labfleet accounting: usage ledger, collectors, reports, budgets, metrics."
+
+    db_url = Unicode(
+        "sqlite:///labfleet-accounting.sqlite",
+        config=True,
+        help="""Ledger database: sqlite:///path (single node) or
+        postgresql+psycopg://user@host/db (production). Migrated at start.""",
+    )
+    auto_migrate = Bool(
+        True, config=True, help="Run the Alembic migrations to head when the service starts."
+    )
+    ip = Unicode("127.0.0.1", config=True, help="Address the service listens on.")
+    port = Integer(0, config=True, help="Port; 0: the port of JUPYTERHUB_SERVICE_URL, else 10101.")
+    spool_path = Unicode(
+        "",
+        config=True,
+        help="Single-node mode: ingest this spool written by the local spawner's SpoolHook.",
+    )
+    kubernetes = Bool(
+        False, config=True, help="Kubernetes mode: list and watch labfleet pods (in-cluster)."
+    )
+    mig_weighting = Enum(
+        ("fraction", "whole"),
+        default_value="fraction",
+        config=True,
+        help="""How a MIG slice counts in GPU-hours: "fraction" (its catalogue
+        gpu_fraction of a GPU) or "whole" (as one GPU).""",
+    )
+    gpu_weights = Dict(
+        value_trait=Float(),
+        config=True,
+        help="Per-accelerator GPU-hour weights overriding the above, e.g. {'a100-1g': 0.125}.",
+    )
+    admin_group_pattern = Unicode(
+        "{group}-admins",
+        config=True,
+        help="""Hub group whose members administer <group>: they see its usage
+        and manage its quota. "{group}-admins" makes "ml-admins" admins of "ml".""",
+    )
+    group_admins = Dict(
+        value_trait=List(Unicode()),
+        config=True,
+        help="Extra group admins: {group: [user, ...]}, in addition to admin_group_pattern.",
+    )
+    metrics_token = Unicode(
+        "",
+        config=True,
+        help="If set, /metrics requires 'Authorization: Bearer <token>' (Prometheus bearer_token).",
+    )
+    budget_limits_cpu = Bool(
+        False, config=True, help="Also refuse CPU-only sessions of a group over its GPU budget."
+    )
+
+    subcommands = {
+        "migrate": (
+            "labfleet_accounting.app.MigrateApp",
+            "Migrate the database to the latest schema.",
+        ),
+        "serve": ("labfleet_accounting.app.ServeApp", "Run the service and its collectors."),
+    }
+    aliases = {"db-url": "AccountingApp.db_url", "spool": "AccountingApp.spool_path",
+               "port": "AccountingApp.port", "config": "Application.config_file"}  # fmt: skip
+    config_file = Unicode("", config=True, help="Python configuration file to load.")
+
+    @catch_config_error
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.subapp is None and self.config_file:
+            self.load_config_file(self.config_file)
+
+    def weights(self) -> Weights:
+        return Weights(self.mig_weighting, dict(self.gpu_weights))
+
+    def start(self):
+        if self.subapp is not None:
+            return self.subapp.start()
+        self.print_subcommands()
+        self.exit(2)
+
+
+class MigrateApp(AccountingApp):
+    subcommands = {}
+
+    def start(self):
+        engine = db.make_engine(self.db_url)
+        revision = db.upgrade(engine)
+        print(f"accounting database at revision {revision}")
+
+
+class ServeApp(AccountingApp):
+    subcommands = {}
+
+    def start(self):
+        asyncio.run(self.serve())
+
+    async def serve(self):
+        engine = db.make_engine(self.db_url)
+        if self.auto_migrate:
+            db.upgrade(engine)
+        ledger = Ledger(engine)
+        weights = self.weights()
+        registry = CollectorRegistry()
+        registry.register(LedgerMetrics(engine, weights))
+        context = Context(
+            engine, weights, self.admin_group_pattern, dict(self.group_admins),
+            BudgetChecker(engine, weights, self.budget_limits_cpu), registry,
+        )  # fmt: skip
+        hub_auth = HubOAuth(parent=self)
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+        port = self.port or _service_port() or 10101
+        app = make_app(context, hub_auth, prefix, self.metrics_token)
+        server = app.listen(port, self.ip, xheaders=True)
+        self.log.info("Accounting service on http://%s:%d%s", self.ip, port, prefix)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = []
+        if self.spool_path:
+            tasks.append(SpoolCollector(ledger, path=self.spool_path, parent=self).run(stop))
+        if self.kubernetes:
+            tasks.append(self._kube(ledger, stop))
+        await asyncio.gather(stop.wait(), *tasks)
+        server.stop()
+        engine.dispose()
+
+    async def _kube(self, ledger, stop):
+        from kubernetes_asyncio import client, config
+
+        from .kube import KubeCollector, KubePodSource
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            await config.load_kube_config()
+        async with client.ApiClient() as api:
+            collector = KubeCollector(KubePodSource(client.CoreV1Api(api)), ledger, parent=self)
+            await collector.run(stop)
+
+
+def _service_port() -> int | None:
+    from urllib.parse import urlparse
+
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+    return urlparse(url).port if url else None
+
+
+def main(argv=None) -> int:
+    AccountingApp.launch_instance(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Usage reports: per user or group and period, computed in the database, weighted in Python.
+
+:func:`query_usage` asks the database for the overlap of every interval
+with the period, summed per (user, group, kind, accelerator); that is the
+part that must scale with the ledger. :func:`summarize` is pure: it turns
+those sums into GPU-hours per model (MIG slices weighted by their fraction
+of a GPU, configurable), FPGA-hours, CPU-core-hours and memory-GB-hours,
+interactive and batch apart. :func:`to_csv` and :func:`series_svg` render.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, case, func, literal, select
+
+from .models import UsageInterval
+
+GB = 10**9  # memory-GB-hours use decimal gigabytes, like cloud billing
+
+
+class PeriodError(ValueError):
+    pass
+
+
+def parse_period(text: str) -> tuple[int, int]:
+    """``2025-03`` (month), ``2025-Q1``, ``2025`` (year) or ``2025-03-01`` (day) -> [start, end)."""
+
+    def ts(y, m, d=1):
+        return int(datetime(y, m, d, tzinfo=UTC).timestamp())
+
+    def next_month(y, m):
+        return (y + 1, 1) if m == 12 else (y, m + 1)
+
+    text = (text or "").strip()
+    try:
+        if len(text) == 4:
+            y = int(text)
+            return ts(y, 1), ts(y + 1, 1)
+        if len(text) == 7 and text[5] == "Q":
+            y, q = int(text[:4]), int(text[6])
+            if not 1 <= q <= 4:
+                raise ValueError
+            m = 3 * (q - 1) + 1
+            return ts(y, m), ts(*next_month(y, m + 2))
+        if len(text) == 7:
+            y, m = int(text[:4]), int(text[5:])
+            return ts(y, m), ts(*next_month(y, m))
+        if len(text) == 10:
+            day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+            return int(day.timestamp()), int(day.timestamp()) + 86400
+    except ValueError:
+        pass
+    raise PeriodError(
+        f"period {text[:32]!r} is not understood; use YYYY, YYYY-Qn, YYYY-MM or YYYY-MM-DD"
+    )
+
+
+def period_of(kind: str, at: int) -> tuple[int, int]:
+    """The calendar ``month``/``quarter``/``year`` containing ``at``."""
+    day = datetime.fromtimestamp(at, UTC)
+    if kind == "month":
+        return parse_period(f"{day.year:04d}-{day.month:02d}")
+    if kind == "quarter":
+        return parse_period(f"{day.year:04d}-Q{(day.month - 1) // 3 + 1}")
+    if kind == "year":
+        return parse_period(f"{day.year:04d}")
+    raise PeriodError(f"period kind {kind!r} is not month, quarter or year")
+
+
+@dataclass(frozen=True)
+class Filter:
+    users: tuple[str, ...] | None = None  # None: any
+    groups: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
+    accelerator_kinds: tuple[str, ...] | None = None
+
+
+def _overlap(start: int, end: int, now: int):
+    """SQL for the seconds an interval overlaps [start, end); open intervals run to ``now``."""
+    t = UsageInterval
+    stop = func.coalesce(t.end_s, literal(now))
+    lo = case((t.start_s > start, t.start_s), else_=literal(start))
+    hi = case((stop < end, stop), else_=literal(end))
+    return hi - lo, stop
+
+
+def _where(query, start: int, end: int, stop, flt: Filter):
+    t = UsageInterval
+    query = query.where(t.start_s < end, stop > start)
+    if flt.users is not None:
+        query = query.where(t.user_name.in_(flt.users))
+    if flt.groups is not None:
+        query = query.where(t.group_name.in_(flt.groups))
+    if flt.kinds is not None:
+        query = query.where(t.kind.in_(flt.kinds))
+    if flt.accelerator_kinds is not None:
+        query = query.where(t.accelerator_kind.in_(flt.accelerator_kinds))
+    return query
+
+
+def query_usage(engine: Engine, start: int, end: int, flt: Filter = Filter(), now: int = 0):
+    """Rows of summed overlap per (user, group, kind, accelerator, accelerator kind, fraction)."""
+    t = UsageInterval
+    seconds, stop = _overlap(start, end, now or end)
+    keys = (t.user_name, t.group_name, t.kind, t.accelerator, t.accelerator_kind, t.gpu_fraction)
+    query = select(
+        *keys,
+        func.sum(seconds).label("seconds"),
+        func.sum(seconds * t.accelerator_count).label("device_seconds"),
+        func.sum(seconds * t.cpu).label("cpu_seconds"),
+        func.sum(seconds * t.memory).label("memory_byte_seconds"),
+        func.count().label("intervals"),
+    ).group_by(*keys)
+    with engine.connect() as connection:
+        return [
+            dict(r) for r in connection.execute(_where(query, start, end, stop, flt)).mappings()
+        ]
+
+
+@dataclass
+class Weights:
+    """How accelerator time becomes GPU-hours."""
+
+    mig: str = "fraction"  # "fraction": a slice counts its gpu_fraction; "whole": as one GPU
+    overrides: Mapping[str, float] = field(default_factory=dict)  # accelerator name -> weight
+
+    def gpu_weight(self, accelerator: str, kind: str, fraction: float) -> float:
+        if accelerator in self.overrides:
+            return float(self.overrides[accelerator])
+        if kind == "mig" and self.mig == "fraction":
+            return float(fraction)
+        return 1.0
+
+
+def _empty() -> dict:
+    return {
+        "gpu_hours": {},
+        "gpu_hours_total": 0.0,
+        "fpga_hours": {},
+        "cpu_core_hours": 0.0,
+        "memory_gb_hours": 0.0,
+        "wall_hours": 0.0,
+        "intervals": 0,
+    }
+
+
+def summarize(rows: Iterable[Mapping], by: str = "user", weights: Weights | None = None):
+    """Per ``by`` (``user`` or ``group``) and kind: hours of each resource. Pure.
+
+    Returns ``{name: {"interactive": {...}, "batch": {...}, "total": {...}}}``.
+    """
+    if by not in ("user", "group"):
+        raise ValueError("by must be 'user' or 'group'")
+    weights = weights or Weights()
+    out: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        name = row["user_name"] if by == "user" else row["group_name"]
+        per = out.setdefault(name, {})
+        for bucket in (row["kind"], "total"):
+            acc = per.setdefault(bucket, _empty())
+            acc["wall_hours"] += row["seconds"] / 3600
+            acc["cpu_core_hours"] += row["cpu_seconds"] / 3600
+            acc["memory_gb_hours"] += row["memory_byte_seconds"] / GB / 3600
+            acc["intervals"] += row["intervals"]
+            kind, model = row["accelerator_kind"], row["accelerator"]
+            device_hours = row["device_seconds"] / 3600
+            if kind in ("gpu", "mig"):
+                hours = device_hours * weights.gpu_weight(model, kind, row["gpu_fraction"])
+                acc["gpu_hours"][model] = acc["gpu_hours"].get(model, 0.0) + hours
+                acc["gpu_hours_total"] += hours
+            elif kind == "fpga":
+                acc["fpga_hours"][model] = acc["fpga_hours"].get(model, 0.0) + device_hours
+    for per in out.values():
+        for acc in per.values():
+            for key in ("wall_hours", "cpu_core_hours", "memory_gb_hours", "gpu_hours_total"):
+                acc[key] = round(acc[key], 6)
+            for key in ("gpu_hours", "fpga_hours"):
+                acc[key] = {k: round(v, 6) for k, v in sorted(acc[key].items())}
+    return out
+
+
+def to_csv(summary: Mapping, by: str) -> str:
+    """One line per (name, kind, resource, model): easy to pivot in a spreadsheet."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([by, "kind", "resource", "model", "hours"])
+    for name in sorted(summary):
+        for kind in ("interactive", "batch", "total"):
+            acc = summary[name].get(kind)
+            if not acc:
+                continue
+            for model, hours in acc["gpu_hours"].items():
+                writer.writerow([name, kind, "gpu", model, hours])
+            for model, hours in acc["fpga_hours"].items():
+                writer.writerow([name, kind, "fpga", model, hours])
+            writer.writerow([name, kind, "cpu_core", "", acc["cpu_core_hours"]])
+            writer.writerow([name, kind, "memory_gb", "", acc["memory_gb_hours"]])
+    return buffer.getvalue()
+
+
+def query_series(
+    engine: Engine,
+    start: int,
+    end: int,
+    bucket: int,
+    flt: Filter = Filter(),
+    weights: Weights | None = None,
+    now: int = 0,
+) -> list[dict]:
+    """GPU-hours and CPU-core-hours per time bucket, interactive and batch apart."""
+    if bucket <= 0 or (end - start) / bucket > 400:
+        raise PeriodError("at most 400 buckets per series; choose a larger bucket")
+    series = []
+    for lo in range(start, end, bucket):
+        hi = min(lo + bucket, end)
+        summary = summarize(query_usage(engine, lo, hi, flt, now), "group", weights)
+        point = {"start": lo, "end": hi}
+        for kind in ("interactive", "batch"):
+            point[f"gpu_hours_{kind}"] = round(
+                sum(g.get(kind, _empty())["gpu_hours_total"] for g in summary.values()), 6
+            )
+            point[f"cpu_core_hours_{kind}"] = round(
+                sum(g.get(kind, _empty())["cpu_core_hours"] for g in summary.values()), 6
+            )
+        series.append(point)
+    return series
+
+
+def series_svg(series: list[dict], metric: str = "gpu_hours", width=640, height=220) -> str:
+    """A stacked bar chart (interactive below, batch above) as inline SVG; no scripts, no CDN."""
+    pad_l, pad_b, pad_t = 48, 24, 12
+    plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
+    totals = [p[f"{metric}_interactive"] + p[f"{metric}_batch"] for p in series] or [0]
+    top = max(max(totals), 1e-9)
+    bar_w = plot_w / max(len(series), 1)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{metric} per period">',
+        f'<text x="4" y="{pad_t + 8}" font-size="10">{top:.1f}</text>',
+        f'<text x="4" y="{pad_t + plot_h}" font-size="10">0</text>',
+        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 8}" y2="{pad_t + plot_h}" '
+        'stroke="#888"/>',
+    ]
+    for i, point in enumerate(series):
+        x = pad_l + i * bar_w
+        base = pad_t + plot_h
+        for kind, colour in (("interactive", "#4878d0"), ("batch", "#ee854a")):
+            value = point[f"{metric}_{kind}"]
+            h = plot_h * value / top
+            base -= h
+            label = datetime.fromtimestamp(point["start"], UTC).strftime("%Y-%m-%d")
+            w = max(bar_w - 2, 1)
+            parts.append(
+                f'<rect class="{kind}" x="{x + 1:.1f}" y="{base:.1f}" width="{w:.1f}" '
+                f'height="{h:.1f}" fill="{colour}">'
+                f"<title>{label} {kind}: {value:.2f}</title></rect>"
+            )
+    parts.append("</svg>")
+    return "".join(parts)

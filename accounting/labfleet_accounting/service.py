@@ -1,0 +1,282 @@
+"""The accounting service: a JupyterHub service with a REST API, a page, metrics and collectors.
+
+Run it as a hub-managed service (``labfleet-accounting serve``); it
+authenticates users and API tokens with :class:`jupyterhub.services.auth.HubOAuth`
+(``HubOAuthenticated`` handlers), so browsers go through the hub's OAuth
+and scripts send ``Authorization: token <hub token>``.
+
+Endpoints (under the service prefix, ``/services/accounting/`` by default):
+
+- ``GET  api/usage?period=2025-03&by=user|group&user=&group=&format=json|csv``
+- ``GET  api/usage/series?period=...&bucket=day|week&metric=gpu_hours``
+- ``GET  api/budget/check?group=&accelerator_kind=``  -> a budget Decision
+- ``PUT  api/budgets/<group>`` (platform admins) ``{"gpu_hours", "period", ...}``
+- ``GET  /`` a page with the caller's usage and a chart (inline SVG, no scripts)
+- ``GET  metrics`` Prometheus text (see :mod:`labfleet_accounting.metrics`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import time
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.utils import url_path_join
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from tornado import web
+
+from .authz import Forbidden, Identity, may_manage_group, scope_for
+from .budgets import BudgetChecker
+from .reports import (
+    PeriodError,
+    Weights,
+    parse_period,
+    query_series,
+    query_usage,
+    series_svg,
+    summarize,
+    to_csv,
+)
+
+BUCKETS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
+
+
+class Context:
+    """What every handler needs, built once by the application."""
+
+    def __init__(self, engine, weights: Weights, admin_group_pattern: str, group_admins: dict,
+                 budgets: BudgetChecker, registry: CollectorRegistry, clock=time.time):  # fmt: skip
+        self.engine = engine
+        self.weights = weights
+        self.admin_group_pattern = admin_group_pattern
+        self.group_admins = group_admins
+        self.budgets = budgets
+        self.registry = registry
+        self.clock = clock
+
+
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    def initialize(self, context: Context, hub_auth: HubOAuth):
+        self.ctx = context
+        self.hub_auth = hub_auth
+
+    def identity(self) -> Identity:
+        return Identity.from_model(
+            self.current_user, self.ctx.admin_group_pattern, self.ctx.group_admins
+        )
+
+    def fail(self, status: int, message: str):
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status, "message": message}))
+
+    def write_error(self, status_code, **kwargs):
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": self._reason}))
+
+    def period(self) -> tuple[int, int, str]:
+        text = self.get_argument("period", "")
+        if not text:
+            text = time.strftime("%Y-%m", time.gmtime(self.ctx.clock()))
+        start, end = parse_period(text)
+        return start, end, text
+
+    async def db(self, fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+
+class UsageHandler(BaseHandler):
+    @web.authenticated
+    async def get(self):
+        try:
+            start, end, label = self.period()
+            by = self.get_argument("by", "user")
+            if by not in ("user", "group"):
+                raise PeriodError("by must be 'user' or 'group'")
+            flt = scope_for(
+                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
+            )
+        except PeriodError as e:
+            return self.fail(400, str(e))
+        except Forbidden as e:
+            return self.fail(403, str(e))
+        rows = await self.db(query_usage, self.ctx.engine, start, end, flt, int(self.ctx.clock()))
+        summary = summarize(rows, by, self.ctx.weights)
+        if self.get_argument("format", "json") == "csv":
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+            self.set_header("Content-Disposition", f'attachment; filename="usage-{label}.csv"')
+            return self.finish(to_csv(summary, by))
+        self.finish({"period": label, "start": start, "end": end, "by": by, "usage": summary})
+
+
+class SeriesHandler(BaseHandler):
+    @web.authenticated
+    async def get(self):
+        try:
+            start, end, label = self.period()
+            bucket = BUCKETS.get(self.get_argument("bucket", "day"))
+            if bucket is None:
+                raise PeriodError(f"bucket must be one of {', '.join(BUCKETS)}")
+            flt = scope_for(
+                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
+            )
+            series = await self.db(
+                query_series, self.ctx.engine, start, end, bucket, flt, self.ctx.weights,
+                int(self.ctx.clock()),
+            )  # fmt: skip
+        except PeriodError as e:
+            return self.fail(400, str(e))
+        except Forbidden as e:
+            return self.fail(403, str(e))
+        self.finish({"period": label, "bucket": bucket, "series": series})
+
+
+class BudgetCheckHandler(BaseHandler):
+    """``check_budget(group, accelerator_kind)`` for spawners and the batch service."""
+
+    @web.authenticated
+    async def get(self):
+        group = self.get_argument("group", "")
+        identity = self.identity()
+        # Services (spawners, batch) and admins ask for anyone; members for their groups.
+        is_service = self.current_user.get("kind") == "service"
+        if not (is_service or identity.admin or group in identity.groups):
+            return self.fail(403, f"you are not a member of group {group!r}")
+        decision = await self.db(
+            self.ctx.budgets.check_budget, group, self.get_argument("accelerator_kind", "")
+        )
+        self.finish(decision.as_dict())
+
+
+class BudgetHandler(BaseHandler):
+    @web.authenticated
+    async def put(self, group):
+        if not self.identity().admin:
+            return self.fail(403, "only platform admins set budgets")
+        try:
+            body = json.loads(self.request.body or b"{}")
+            gpu_hours = float(body["gpu_hours"])
+            period = body.get("period", "month")
+            if period not in ("month", "quarter", "year") or gpu_hours < 0:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return self.fail(
+                400,
+                'body must be {"gpu_hours": >= 0, "period": "month"|"quarter"|"year", '
+                '"warn_fraction": 0-1, "enforce": true|false}',
+            )
+        await self.db(
+            self.ctx.budgets.set_budget, group, gpu_hours, period,
+            float(body.get("warn_fraction", 0.8)), bool(body.get("enforce", True)),
+        )  # fmt: skip
+        self.finish({"group": group, "gpu_hours": gpu_hours, "period": period})
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>labfleet usage</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
+.legend span{{display:inline-block;width:1em;height:1em;margin:0 4px}}</style></head><body>
+<h1>Usage {period}</h1><p>Signed in as {user}. {scope}</p>
+<h2>GPU-hours per day</h2>{gpu_svg}
+<p class="legend"><span style="background:#4878d0"></span>interactive
+<span style="background:#ee854a"></span>batch</p>
+<h2>CPU core-hours per day</h2>{cpu_svg}
+<h2>Totals</h2><table id="totals"><tr><th>{by}</th><th>kind</th><th>GPU-h</th><th>FPGA-h</th>
+<th>CPU core-h</th><th>memory GB-h</th></tr>{rows}</table>
+<p><a href="api/usage?period={period}&by={by}&format=csv{extra}">CSV</a>
+<a href="api/usage?period={period}&by={by}{extra}">JSON</a></p></body></html>"""
+
+
+class PageHandler(BaseHandler):
+    @web.authenticated
+    async def get(self):
+        try:
+            start, end, label = self.period()
+            identity = self.identity()
+            group = self.get_argument("group", None)
+            flt = scope_for(identity, self.get_argument("user", None), group)
+        except (PeriodError, Forbidden) as e:
+            return self.fail(400 if isinstance(e, PeriodError) else 403, str(e))
+        by = "group" if (group or identity.admin) else "user"
+        now = int(self.ctx.clock())
+        rows = await self.db(query_usage, self.ctx.engine, start, end, flt, now)
+        series = await self.db(
+            query_series, self.ctx.engine, start, end, 86400, flt, self.ctx.weights, now
+        )
+        summary = summarize(rows, by, self.ctx.weights)
+        lines = []
+        for name in sorted(summary):
+            for kind in ("interactive", "batch"):
+                acc = summary[name].get(kind)
+                if acc:
+                    lines.append(
+                        f"<tr><td>{html.escape(name)}</td><td>{kind}</td>"
+                        f"<td>{acc['gpu_hours_total']:.2f}</td>"
+                        f"<td>{sum(acc['fpga_hours'].values()):.2f}</td>"
+                        f"<td>{acc['cpu_core_hours']:.2f}</td>"
+                        f"<td>{acc['memory_gb_hours']:.2f}</td></tr>"
+                    )
+        scope = (
+            "You see everything (platform admin)."
+            if identity.admin and not group
+            else f"Group {html.escape(group)}."
+            if group
+            else "Your own usage."
+        )
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(
+            PAGE.format(
+                period=html.escape(label), user=html.escape(identity.name), scope=scope,
+                gpu_svg=series_svg(series, "gpu_hours"),
+                cpu_svg=series_svg(series, "cpu_core_hours"),
+                by=by, rows="".join(lines),
+                extra=f"&group={html.escape(group)}" if group else "",
+            )
+        )  # fmt: skip
+
+
+class MetricsHandler(web.RequestHandler):
+    def initialize(self, context: Context, token: str = ""):
+        self.ctx = context
+        self.token = token
+
+    async def get(self):
+        if self.token and self.request.headers.get("Authorization") != f"Bearer {self.token}":
+            raise web.HTTPError(403)
+        data = await asyncio.to_thread(generate_latest, self.ctx.registry)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(data)
+
+
+def make_app(
+    context: Context,
+    hub_auth: HubOAuth,
+    prefix: str = "/",
+    metrics_token: str = "",
+    cookie_secret=b"",
+):
+    """The tornado application; ``prefix`` is the service prefix (JUPYTERHUB_SERVICE_PREFIX)."""
+    args = {"context": context, "hub_auth": hub_auth}
+    routes = [
+        (url_path_join(prefix, "api/usage"), UsageHandler, args),
+        (url_path_join(prefix, "api/usage/series"), SeriesHandler, args),
+        (url_path_join(prefix, "api/budget/check"), BudgetCheckHandler, args),
+        (url_path_join(prefix, r"api/budgets/([^/]+)"), BudgetHandler, args),
+        (
+            url_path_join(prefix, "metrics"),
+            MetricsHandler,
+            {"context": context, "token": metrics_token},
+        ),
+        (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
+        (prefix.rstrip("/") + "/?", PageHandler, args),
+    ]
+    return web.Application(
+        routes, cookie_secret=cookie_secret or os.urandom(32), hub_auth=hub_auth,
+        login_url=hub_auth.login_url, xsrf_cookies=True,
+    )  # fmt: skip
+
+
+__all__ = ["Context", "make_app", "may_manage_group"]
