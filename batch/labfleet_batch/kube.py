@@ -1,0 +1,425 @@
+"""The Kubernetes/Kueue backend: Jobs in group namespaces, state from Kueue Workloads.
+
+:class:`KubeAPI` is a thin JSON-in/JSON-out layer over an injected
+``kubernetes_asyncio`` ``ApiClient`` (auth, TLS and connection pooling come
+from it); it skips the client's model (de)serialisation, which costs more than
+the HTTP round trip at submission rates. :class:`KubeBackend` implements the
+service's backend interface with it.
+
+Queue position: Kueue's visibility API (``visibility.kueue.x-k8s.io``,
+``v1beta2`` then ``v1beta1``) when the cluster serves it; otherwise the
+position is computed from the namespace's pending Workloads in Kueue's
+BestEffortFIFO order (priority, then creation time) and marked
+``"position_source": "estimate"``. The estimate ignores other namespaces of a
+shared ClusterQueue, which labfleet's one-namespace-per-ClusterQueue layout
+does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import quote
+
+from labfleet_hub import contract
+
+from . import jobs as jobbuilder
+from .model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, LogsUnavailable
+from .podspec import PodStorage
+from .queues import QueueConfig
+from .validation import BatchRequest
+
+log = logging.getLogger(__name__)
+
+KUEUE = "/apis/kueue.x-k8s.io/v1beta2"
+VISIBILITY_VERSIONS = ("v1beta2", "v1beta1")
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+FIELD_MANAGER = "labfleet-batch"
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str, body: Any = None):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+        self.body = body
+
+
+class KubeAPI:
+    """JSON requests to the API server through a ``kubernetes_asyncio`` ApiClient."""
+
+    def __init__(self, api_client):
+        self.api_client = api_client
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: dict | None = None,
+        content_type: str = "application/json",
+        raw: bool = False,
+    ) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        resp = await self.api_client.call_api(
+            path,
+            method,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+        )
+        try:
+            data = await resp.read()
+        finally:
+            resp.release()
+        if resp.status >= 400:
+            try:
+                parsed = json.loads(data)
+                message = parsed.get("message", "")
+            except (ValueError, AttributeError):
+                parsed, message = None, data.decode(errors="replace")[:500]
+            raise KubeError(resp.status, message, parsed)
+        if raw:
+            return data.decode(errors="replace")
+        return json.loads(data) if data else None
+
+    async def apply(self, obj: dict) -> dict:
+        """Server-side apply (create or update in place; never delete-and-recreate)."""
+        return await self.request(
+            "PATCH",
+            object_path(obj),
+            body=obj,
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml",
+        )
+
+
+_PLURALS = {
+    "Namespace": "namespaces",
+    "ResourceFlavor": "resourceflavors",
+    "ClusterQueue": "clusterqueues",
+    "LocalQueue": "localqueues",
+    "WorkloadPriorityClass": "workloadpriorityclasses",
+    "Job": "jobs",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "ServiceAccount": "serviceaccounts",
+}
+
+
+def object_path(obj: dict) -> str:
+    api_version, kind = obj["apiVersion"], obj["kind"]
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    meta = obj["metadata"]
+    ns = f"/namespaces/{meta['namespace']}" if meta.get("namespace") else ""
+    return f"{base}{ns}/{_PLURALS[kind]}/{quote(meta['name'])}"
+
+
+def _condition(obj: dict | None, ctype: str) -> dict | None:
+    for cnd in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cnd.get("type") == ctype:
+            return cnd
+    return None
+
+
+def _true(obj: dict | None, ctype: str) -> bool:
+    cnd = _condition(obj, ctype)
+    return bool(cnd and cnd.get("status") == "True")
+
+
+def job_state(job: dict) -> tuple[str, str]:
+    """``(state, message)`` from the Job's own status."""
+    status = job.get("status") or {}
+    for ctype, state in (("Complete", SUCCEEDED), ("Failed", FAILED)):
+        cnd = _condition(job, ctype)
+        if cnd and cnd.get("status") == "True":
+            return state, cnd.get("message") or cnd.get("reason") or ""
+    if job["spec"].get("suspend"):
+        return QUEUED, ""
+    if status.get("active") or status.get("ready") or status.get("startTime"):
+        return RUNNING, ""
+    return QUEUED, ""
+
+
+def record_from_job(job: dict, priority_names: dict[str, str] | None = None) -> JobRecord:
+    meta, spec = job["metadata"], job["spec"]
+    labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
+    status = job.get("status") or {}
+    state, message = job_state(job)
+    if meta.get("deletionTimestamp"):
+        state = CANCELLED
+    pclass = labels.get(contract.KUEUE_PRIORITY_LABEL)
+    env = {
+        e["name"]: e.get("value")
+        for e in spec["template"]["spec"]["containers"][0].get("env") or []
+    }
+    return JobRecord(
+        name=meta["name"],
+        group=labels.get(contract.LABEL_GROUP, ""),
+        user=ann.get(contract.ANNOTATION_USER, ""),
+        state=state,
+        display_name=ann.get(jobbuilder.ANNOTATION_BATCH_NAME, ""),
+        created=meta.get("creationTimestamp"),
+        profile=labels.get(contract.LABEL_PROFILE),
+        accelerator=labels.get(contract.LABEL_ACCELERATOR),
+        count=int(ann.get(contract.ANNOTATION_ACCELERATOR_COUNT, "0") or 0),
+        priority=(priority_names or {}).get(pclass, pclass),
+        completions=spec.get("completions") or 1,
+        parallelism=spec.get("parallelism") or 1,
+        succeeded=status.get("succeeded", 0),
+        failed=status.get("failed", 0),
+        active=status.get("active", 0),
+        offload=labels.get(jobbuilder.LABEL_OFFLOAD) == "true",
+        workdir=env.get("LABFLEET_BATCH_WORKDIR"),
+        message=message,
+    )
+
+
+def queue_info(workload: dict | None) -> dict[str, Any]:
+    """Kueue's view: admitted or not, why not, where (ClusterQueue and flavors)."""
+    if workload is None:
+        return {"workload": None, "admitted": False, "reason": "NoWorkload", "message": ""}
+    status = workload.get("status") or {}
+    info: dict[str, Any] = {
+        "workload": workload["metadata"]["name"],
+        "admitted": _true(workload, "Admitted"),
+        "finished": _true(workload, "Finished"),
+        "reason": "",
+        "message": "",
+    }
+    admission = status.get("admission")
+    if admission:
+        info["cluster_queue"] = admission.get("clusterQueue")
+        flavors: dict[str, str] = {}
+        for ps in admission.get("podSetAssignments") or []:
+            flavors.update(ps.get("flavors") or {})
+        info["flavors"] = flavors
+    evicted = _condition(workload, "Evicted")
+    if evicted and evicted.get("status") == "True":
+        info["reason"], info["message"] = evicted.get("reason", ""), evicted.get("message", "")
+    elif not info["admitted"]:
+        cnd = _condition(workload, "QuotaReserved")
+        if cnd and cnd.get("status") == "False":
+            info["reason"], info["message"] = cnd.get("reason", ""), cnd.get("message", "")
+    return info
+
+
+class KubeBackend:
+    """Batch jobs as Kueue-managed Jobs in each group's namespace."""
+
+    def __init__(
+        self,
+        api: KubeAPI,
+        config: QueueConfig,
+        storage: PodStorage | None = None,
+        visibility_retry: float = 300,
+    ):
+        self.api = api
+        self.config = config
+        self.storage = storage or PodStorage()
+        self.visibility_retry = visibility_retry
+        # None: not probed yet; "": none served (until _visibility_checked + retry)
+        self._visibility: str | None = None
+        self._visibility_checked = 0.0
+        self._priority_names = {config.priority_class(p): p for p in config.priorities}
+
+    def _ns(self, group: str) -> str:
+        return self.config.namespace(group)
+
+    async def submit(self, request: BatchRequest, user: str) -> JobRecord:
+        queue = (
+            self.config.offload_local_queue(request.group)
+            if request.offload
+            else self.config.local_queue(request.group)
+        )
+        ctx = jobbuilder.JobContext(
+            user=user,
+            namespace=self._ns(request.group),
+            queue=queue,
+            priority_class=self.config.priority_class(request.priority),
+            storage=self.storage,
+            kind_tolerations=self.config.kind_tolerations,
+        )
+        body = jobbuilder.make_job(request, ctx, jobbuilder.new_job_name(request.name))
+        created = await self.api.request(
+            "POST", f"/apis/batch/v1/namespaces/{ctx.namespace}/jobs", body=body
+        )
+        record = record_from_job(created, self._priority_names)
+        record.queue = {"admitted": False, "reason": "Created", "message": "waiting for Kueue"}
+        return record
+
+    async def _get_job(self, group: str, name: str) -> dict | None:
+        try:
+            return await self.api.request(
+                "GET", f"/apis/batch/v1/namespaces/{self._ns(group)}/jobs/{quote(name)}"
+            )
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def list_jobs(self, groups: list[str], owner: str | None = None) -> list[JobRecord]:
+        selector = f"{contract.LABEL_KIND}={contract.KIND_BATCH}"
+        if owner is not None:
+            selector += f",{contract.LABEL_USER}={jobbuilder.label_value(owner)}"
+        records = []
+        for group in groups:
+            if group not in self.config.groups:
+                continue
+            data = await self.api.request(
+                "GET",
+                f"/apis/batch/v1/namespaces/{self._ns(group)}/jobs",
+                query={"labelSelector": selector},
+            )
+            for job in data.get("items", []):
+                record = record_from_job(job, self._priority_names)
+                # labels are escaped: the annotation is the exact owner
+                if owner is None or record.user == owner:
+                    records.append(record)
+        records.sort(key=lambda r: r.created or "")
+        return records
+
+    async def _workloads(self, ns: str) -> list[dict]:
+        data = await self.api.request("GET", f"{KUEUE}/namespaces/{ns}/workloads")
+        return data.get("items", [])
+
+    @staticmethod
+    def _workload_of(workloads: list[dict], job: dict) -> dict | None:
+        uid = job["metadata"].get("uid")
+        for wl in workloads:
+            if (wl["metadata"].get("labels") or {}).get(JOB_UID_LABEL) == uid:
+                return wl
+            for ref in wl["metadata"].get("ownerReferences") or []:
+                if ref.get("kind") == "Job" and ref.get("uid") == uid:
+                    return wl
+        return None
+
+    async def get(self, group: str, name: str) -> JobRecord | None:
+        job = await self._get_job(group, name)
+        if job is None:
+            return None
+        record = record_from_job(job, self._priority_names)
+        ns = self._ns(group)
+        workloads = await self._workloads(ns)
+        wl = self._workload_of(workloads, job)
+        record.queue = queue_info(wl)
+        if record.queue.get("finished") is False and record.state == QUEUED and wl:
+            record.queue.update(await self.position(ns, job, wl, workloads))
+        return record
+
+    async def position(
+        self, ns: str, job: dict, workload: dict, workloads: list[dict]
+    ) -> dict[str, Any]:
+        """``{"position": n (1 = next), "position_source": ...}``; see the module docstring."""
+        if _true(workload, "QuotaReserved") or _true(workload, "Admitted"):
+            return {"position": 0, "position_source": "admitted"}
+        lq = (job["metadata"].get("labels") or {}).get(contract.KUEUE_QUEUE_LABEL, "")
+        version = await self._visibility_version(ns, lq)
+        if version:
+            try:
+                data = await self.api.request(
+                    "GET",
+                    f"/apis/visibility.kueue.x-k8s.io/{version}/namespaces/{ns}"
+                    f"/localqueues/{quote(lq)}/pendingworkloads",
+                )
+                for item in data.get("items", []):
+                    if item["metadata"]["name"] == workload["metadata"]["name"]:
+                        return {
+                            "position": item.get("positionInLocalQueue", 0) + 1,
+                            "position_source": f"visibility/{version}",
+                        }
+            except KubeError as e:
+                log.warning("visibility API %s failed: %s", version, e)
+        pending = [
+            wl
+            for wl in workloads
+            if (wl.get("spec") or {}).get("queueName") == lq
+            and not _true(wl, "QuotaReserved")
+            and not _true(wl, "Finished")
+        ]
+        pending.sort(
+            key=lambda wl: (
+                -((wl.get("spec") or {}).get("priority") or 0),
+                wl["metadata"].get("creationTimestamp", ""),
+                wl["metadata"]["name"],
+            )
+        )
+        names = [wl["metadata"]["name"] for wl in pending]
+        name = workload["metadata"]["name"]
+        return {
+            "position": names.index(name) + 1 if name in names else None,
+            "position_source": "estimate",
+            "pending_in_queue": len(names),
+        }
+
+    async def _visibility_version(self, ns: str, lq: str) -> str:
+        now = time.monotonic()
+        if self._visibility is not None and (
+            self._visibility or now - self._visibility_checked < self.visibility_retry
+        ):
+            return self._visibility
+        self._visibility_checked = now
+        for version in VISIBILITY_VERSIONS:
+            try:
+                await self.api.request(
+                    "GET",
+                    f"/apis/visibility.kueue.x-k8s.io/{version}/namespaces/{ns}"
+                    f"/localqueues/{quote(lq)}/pendingworkloads",
+                    query={"limit": "1"},
+                )
+            except KubeError as e:
+                log.info("Kueue visibility API %s not usable: %s", version, e.status)
+                continue
+            self._visibility = version
+            return version
+        self._visibility = ""
+        return ""
+
+    async def _pod_for_index(self, group: str, name: str, index: int) -> dict | None:
+        selector = f"{JOB_NAME_LABEL}={name},{COMPLETION_INDEX_LABEL}={index}"
+        data = await self.api.request(
+            "GET", f"/api/v1/namespaces/{self._ns(group)}/pods", query={"labelSelector": selector}
+        )
+        pods = sorted(
+            data.get("items", []), key=lambda p: p["metadata"].get("creationTimestamp", "")
+        )
+        return pods[-1] if pods else None
+
+    async def logs(self, group: str, name: str, index: int) -> str:
+        pod = await self._pod_for_index(group, name, index)
+        if pod is None:
+            raise LogsUnavailable(f"completion {index} has no pod yet (queued or not started)")
+        pod_name = pod["metadata"]["name"]
+        try:
+            return await self.api.request(
+                "GET",
+                f"/api/v1/namespaces/{self._ns(group)}/pods/{quote(pod_name)}/log",
+                query={"container": jobbuilder.CONTAINER_NAME},
+                raw=True,
+            )
+        except KubeError as e:
+            # e.g. no kubelet answering on the node (virtual or fake nodes)
+            raise LogsUnavailable(f"the cluster could not read pod {pod_name}'s log: {e}") from e
+
+    async def cancel(self, group: str, name: str) -> JobRecord:
+        job = await self._get_job(group, name)
+        if job is None:
+            raise KeyError(name)
+        record = record_from_job(job, self._priority_names)
+        # Background propagation: pods and the Workload go with the Job, and the
+        # quota is released as soon as Kueue sees the Workload gone.
+        await self.api.request(
+            "DELETE",
+            f"/apis/batch/v1/namespaces/{self._ns(group)}/jobs/{quote(name)}",
+            body={"propagationPolicy": "Background"},
+        )
+        if record.state not in (SUCCEEDED, FAILED):
+            record.state = CANCELLED
+        return record

@@ -1,0 +1,450 @@
+"""The single-node backend: batch jobs as local processes, same API as Kueue's.
+
+- **Queues**: the quota configuration of :mod:`.queues` is read as limits on
+  what a group's *running* jobs hold at once (CPU, memory, accelerators and
+  ``max_running``). Waiting jobs are ordered like Kueue's BestEffortFIFO
+  (priority, then submission time); a job that does not fit lets smaller ones
+  behind it start. No borrowing and no preemption here.
+- **Accelerators**: taken from a :class:`labfleet_spawner.devices.DeviceAllocator`
+  exclusively, all-or-nothing, under the owner ``batch:<group>/<name>``. Pass
+  the hub's allocator (``LocalGPUSpawner._shared_allocator``) when the backend
+  runs in the hub's process so notebooks and jobs never share a GPU;
+  otherwise give the service its own devices.
+- **Processes**: one per completion index, at most ``parallelism`` at once,
+  each in its own session (cancel and deadline kill the whole process group),
+  running as the user's mapped uid/gid when the service is root -- the same
+  ids and folders as the local spawner (:mod:`labfleet_spawner.storage`).
+- **Logs**: ``<workdir>/logs/<index>.log`` in the job's folder in the user's home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labfleet_spawner.catalogue import parse_quantity
+from labfleet_spawner.devices import DeviceAllocator, FpgaDevice, NoFreeDevice, cuda_visible_devices
+from labfleet_spawner.local import _chdir_only, _drop_privileges
+from labfleet_spawner.storage import (
+    DEFAULT_GID_BASE,
+    DEFAULT_UID_BASE,
+    StorageLayout,
+    apply_storage,
+    check_id_ranges,
+    mapped_gid,
+    mapped_uid,
+    plan_storage,
+)
+
+from . import jobs as jobbuilder
+from .model import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    LogsUnavailable,
+)
+from .queues import QueueConfig
+from .validation import BatchRequest
+
+log = logging.getLogger(__name__)
+
+#: ``username -> (hub user id, {hub group name: hub group id})``: the ids the hub uses.
+HubIds = Callable[[str], Awaitable[tuple[int, dict[str, int]]]]
+
+
+def sqlite_hub_ids(db_path: str) -> HubIds:
+    """Hub ids read from the hub's SQLite database (single-node mode), read-only."""
+    import sqlite3
+
+    def lookup(username: str) -> tuple[int, dict[str, int]]:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (username,)).fetchone()
+            if row is None:
+                raise LookupError(f"user {username!r} is not in the hub database")
+            groups = conn.execute(
+                "SELECT g.name, g.id FROM groups g JOIN user_group_map m ON m.group_id = g.id "
+                "WHERE m.user_id = ?",
+                (row[0],),
+            ).fetchall()
+        return int(row[0]), {name: int(gid) for name, gid in groups}
+
+    async def ids(username: str) -> tuple[int, dict[str, int]]:
+        return await asyncio.to_thread(lookup, username)
+
+    return ids
+
+
+@dataclass
+class _Job:
+    record: JobRecord
+    request: BatchRequest
+    layout: StorageLayout | None = None
+    isolate: bool = False
+    submitted: float = 0.0
+    devices: list = field(default_factory=list)
+    procs: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
+    task: asyncio.Task | None = None
+    cancelled: bool = False
+
+    @property
+    def owner(self) -> str:
+        return f"batch:{self.record.group}/{self.record.name}"
+
+    def demand(self) -> dict[str, float]:
+        sel, par = self.request.selection, self.request.parallelism
+        need = {"cpu": sel.size.cpu * par, "memory": sel.size.memory_bytes * par, "jobs": 1}
+        if sel.accelerator is not None:
+            need[f"acc:{sel.accelerator.name}"] = sel.count * par
+        return need
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LocalBackend:
+    """Runs jobs on this machine; see the module docstring."""
+
+    def __init__(
+        self,
+        config: QueueConfig,
+        storage_root: str,
+        allocator: DeviceAllocator | None = None,
+        hub_ids: HubIds | None = None,
+        isolate: bool | None = None,
+        uid_base: int = DEFAULT_UID_BASE,
+        gid_base: int = DEFAULT_GID_BASE,
+        kill_grace: float = 5.0,
+        path: str = "/usr/local/bin:/usr/bin:/bin",
+    ):
+        self.config = config
+        self.storage_root = storage_root
+        self.allocator = allocator or DeviceAllocator()
+        self.hub_ids = hub_ids
+        # Isolation needs root and the hub's ids; otherwise jobs run as the service.
+        self.isolate = (os.geteuid() == 0 and hub_ids is not None) if isolate is None else isolate
+        self.uid_base, self.gid_base = uid_base, gid_base
+        self.kill_grace = kill_grace
+        self.path = path
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._seq = 0
+
+    # -- identity and folders --------------------------------------------------------
+
+    async def _layout(self, user: str, group: str) -> StorageLayout:
+        if self.isolate:
+            user_id, groups = await self.hub_ids(user)
+            check_id_ranges(self.uid_base, self.gid_base, user_id, groups.values())
+            uid = mapped_uid(user_id, self.uid_base)
+            gids = {g: mapped_gid(i, self.gid_base) for g, i in groups.items()}
+            layout = plan_storage(self.storage_root, user, uid=uid, gid=uid, groups=gids)
+        else:
+            layout = plan_storage(
+                self.storage_root, user, os.geteuid(), os.getegid(), {group: os.getegid()}
+            )
+        await asyncio.to_thread(apply_storage, layout, as_root=self.isolate)
+        return layout
+
+    # -- API -----------------------------------------------------------------------------
+
+    async def submit(self, request: BatchRequest, user: str) -> JobRecord:
+        name = jobbuilder.new_job_name(request.name)
+        layout = await self._layout(user, request.group)
+        sel = request.selection
+        record = JobRecord(
+            name=name,
+            group=request.group,
+            user=user,
+            state=QUEUED,
+            display_name=request.name,
+            created=_now(),
+            profile=sel.profile.name,
+            accelerator=sel.accelerator.name if sel.accelerator else None,
+            count=sel.count,
+            priority=request.priority,
+            completions=request.completions,
+            parallelism=request.parallelism,
+            workdir=jobbuilder.workdir_for(str(layout.home), name),
+            offload=False,
+        )
+        self._seq += 1
+        job = _Job(record, request, layout, self.isolate, submitted=self._seq)
+        self._jobs[(request.group, name)] = job
+        await asyncio.to_thread(self._prepare_workdir, job)
+        self._schedule()
+        return record
+
+    async def list_jobs(self, groups: list[str], owner: str | None = None) -> list[JobRecord]:
+        wanted = set(groups)
+        out = [
+            self._refresh(j)
+            for j in self._jobs.values()
+            if j.record.group in wanted and (owner is None or j.record.user == owner)
+        ]
+        return sorted(out, key=lambda r: (r.created or "", r.name))
+
+    async def get(self, group: str, name: str) -> JobRecord | None:
+        job = self._jobs.get((group, name))
+        return self._refresh(job) if job else None
+
+    async def logs(self, group: str, name: str, index: int) -> str:
+        job = self._jobs.get((group, name))
+        if job is None:
+            raise KeyError(name)
+        path = Path(job.record.workdir) / "logs" / f"{index}.log"
+        if not path.exists():
+            raise LogsUnavailable(f"completion {index} has not started yet")
+        return await asyncio.to_thread(path.read_text, errors="replace")
+
+    async def cancel(self, group: str, name: str) -> JobRecord:
+        job = self._jobs.get((group, name))
+        if job is None:
+            raise KeyError(name)
+        if job.record.state in FINAL_STATES:
+            return self._refresh(job)
+        job.cancelled = True
+        if job.task is not None:
+            await self._kill_all(job)
+            with contextlib.suppress(asyncio.CancelledError):
+                await job.task
+        self._finish(job, CANCELLED, "cancelled by request")
+        return self._refresh(job)
+
+    async def close(self) -> None:
+        """Cancel everything (service shutdown)."""
+        for (group, name), job in list(self._jobs.items()):
+            if job.record.state not in FINAL_STATES:
+                await self.cancel(group, name)
+
+    # -- queueing ------------------------------------------------------------------------
+
+    def _refresh(self, job: _Job) -> JobRecord:
+        record = job.record
+        if record.state == QUEUED:
+            waiting = self._waiting(record.group)
+            position = next((i + 1 for i, j in enumerate(waiting) if j is job), None)
+            record.queue = {
+                "admitted": False,
+                "position": position,
+                "position_source": "local",
+                "pending_in_queue": len(waiting),
+                "reason": record.queue.get("reason", "Pending"),
+                "message": record.queue.get("message", ""),
+            }
+        return record
+
+    def _waiting(self, group: str | None = None) -> list[_Job]:
+        priorities = self.config.priorities
+        waiting = [
+            j
+            for j in self._jobs.values()
+            if j.record.state == QUEUED and not j.cancelled and group in (None, j.record.group)
+        ]
+        return sorted(waiting, key=lambda j: (-priorities.get(j.request.priority, 0), j.submitted))
+
+    def _usage(self, group: str) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for job in self._jobs.values():
+            if job.record.group == group and job.record.state == RUNNING:
+                for key, value in job.demand().items():
+                    used[key] = used.get(key, 0) + value
+        return used
+
+    def _fits(self, job: _Job) -> str:
+        """ "" when ``job`` fits its group's quota now, else why not."""
+        quota = self.config.groups[job.record.group]
+        used = self._usage(job.record.group)
+        need = job.demand()
+        limits = {"cpu": quota.cpu, "memory": parse_quantity(quota.memory)}
+        for acc, count in quota.accelerators.items():
+            limits[f"acc:{acc}"] = count
+        if quota.max_running:
+            limits["jobs"] = quota.max_running
+        for key, value in need.items():
+            if key not in limits:
+                continue
+            if used.get(key, 0) + value > limits[key]:
+                what = key.removeprefix("acc:")
+                return (
+                    f"insufficient quota for {what} in group {job.record.group}: "
+                    f"{used.get(key, 0):g} in use + {value:g} requested > {limits[key]:g}"
+                )
+        return ""
+
+    def _schedule(self) -> None:
+        for job in self._waiting():
+            why = self._fits(job)
+            if not why and job.request.selection.accelerator is not None:
+                sel = job.request.selection
+                try:
+                    job.devices = self.allocator.allocate(
+                        job.owner, sel.accelerator, sel.count * job.request.parallelism
+                    )
+                except NoFreeDevice as e:
+                    why = str(e)
+            if why:
+                job.record.queue = {"reason": "Pending", "message": why}
+                continue
+            job.record.state = RUNNING
+            job.record.queue = {"admitted": True, "position": 0, "reason": "", "message": ""}
+            job.task = asyncio.get_running_loop().create_task(self._run(job))
+
+    # -- running ------------------------------------------------------------------------
+
+    def _prepare_workdir(self, job: _Job) -> None:
+        workdir = Path(job.record.workdir)
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)
+        for name, content in job.request.files.items():
+            (workdir / name).write_text(content)
+        if job.request.script is not None:
+            (workdir / ".labfleet-job.sh").write_text(job.request.script + "\n")
+        if job.isolate:
+            owner = (job.layout.uid, job.layout.gid)
+            for path in (workdir.parent, workdir, *workdir.rglob("*")):
+                os.chown(path, *owner, follow_symlinks=False)
+
+    def _env(self, job: _Job, index: int, devices: list) -> dict[str, str]:
+        layout = job.layout
+        env = {
+            **job.request.env,
+            "PATH": self.path,
+            "USER": job.record.user,
+            "HOME": str(layout.home),
+            "SHELL": "/bin/sh",
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            **layout.env(),
+            "LABFLEET_BATCH_JOB": job.record.name,
+            "LABFLEET_BATCH_GROUP": job.record.group,
+            "LABFLEET_BATCH_WORKDIR": job.record.workdir,
+            "JOB_COMPLETION_INDEX": str(index),
+            "LABFLEET_CPU_LIMIT": str(job.request.selection.size.cpu),
+            "LABFLEET_MEM_LIMIT": str(job.request.selection.size.memory_bytes),
+        }
+        visible = cuda_visible_devices(devices)
+        env["CUDA_VISIBLE_DEVICES"] = visible
+        env["NVIDIA_VISIBLE_DEVICES"] = visible or "none"
+        fpgas = [d.uuid for d in devices if isinstance(d, FpgaDevice)]
+        if fpgas:
+            env["LABFLEET_FPGA_DEVICES"] = ",".join(fpgas)
+        return env
+
+    async def _run_index(self, job: _Job, index: int, devices: list) -> int:
+        workdir = Path(job.record.workdir)
+        if job.request.script is not None:
+            script = job.request.script
+            argv = (
+                [str(workdir / ".labfleet-job.sh")]
+                if script.startswith("#!")
+                else ["/bin/sh", str(workdir / ".labfleet-job.sh")]
+            )
+        else:
+            argv = list(job.request.command)
+        layout = job.layout
+        preexec = (
+            _drop_privileges(layout.uid, layout.gid, layout.supplementary_gids, str(workdir))
+            if job.isolate
+            else _chdir_only(str(workdir))
+        )
+        log_path = workdir / "logs" / f"{index}.log"
+        with open(log_path, "ab") as out:
+            if job.isolate:
+                os.chown(log_path, layout.uid, layout.gid)
+            if job.request.script is not None:
+                os.chmod(workdir / ".labfleet-job.sh", 0o700)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=self._env(job, index, devices),
+                    preexec_fn=preexec,
+                    start_new_session=True,  # its own process group: kill it whole
+                )
+            except OSError as e:
+                out.write(f"labfleet-batch: cannot start {argv[0]}: {e}\n".encode())
+                return 127
+        job.procs[index] = proc
+        job.record.active += 1
+        try:
+            return await proc.wait()
+        finally:
+            job.record.active -= 1
+            job.procs.pop(index, None)
+
+    async def _run(self, job: _Job) -> None:
+        req = job.request
+        per = req.selection.count
+        slots = [job.devices[i * per : (i + 1) * per] for i in range(req.parallelism)]
+        free_slots: asyncio.Queue = asyncio.Queue()
+        for slot in slots:
+            free_slots.put_nowait(slot)
+
+        async def one(index: int) -> int:
+            slot = await free_slots.get()
+            try:
+                return await self._run_index(job, index, slot)
+            finally:
+                free_slots.put_nowait(slot)
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(req.completions)]
+        try:
+            codes = await asyncio.wait_for(asyncio.gather(*tasks), req.max_run_time)
+        except TimeoutError:
+            await self._kill_all(job)
+            self._finish(job, FAILED, f"exceeded max_run_time of {req.max_run_time} s")
+            return
+        except asyncio.CancelledError:
+            await self._kill_all(job)
+            raise
+        job.record.succeeded = sum(1 for c in codes if c == 0)
+        job.record.failed = len(codes) - job.record.succeeded
+        if job.cancelled:
+            return
+        if job.record.failed:
+            bad = [i for i, c in enumerate(codes) if c != 0]
+            self._finish(
+                job, FAILED, f"completion(s) {', '.join(map(str, bad[:10]))} exited non-zero"
+            )
+        else:
+            self._finish(job, SUCCEEDED, "")
+
+    async def _kill_all(self, job: _Job) -> None:
+        procs = list(job.procs.values())
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), self.kill_grace)
+        except TimeoutError:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in procs))
+        if job.task is not None and job.task is not asyncio.current_task():
+            job.task.cancel()
+
+    def _finish(self, job: _Job, state: str, message: str) -> None:
+        if job.record.state in FINAL_STATES:
+            return
+        job.record.state = state
+        job.record.message = message
+        job.record.queue = {"finished": True}
+        released = self.allocator.release(job.owner)
+        if released:
+            log.info("Released %s from %s", ", ".join(released), job.owner)
+        job.devices = []
+        # Freed quota or devices may let waiting jobs start.
+        with contextlib.suppress(RuntimeError):
+            self._schedule()

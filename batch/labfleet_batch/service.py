@@ -1,0 +1,427 @@
+"""The batch service: a JupyterHub service with a small REST API.
+
+Routes (under the service prefix, e.g. ``/services/batch/``)::
+
+    GET    api/info                         what the caller may submit (groups, priorities, limits)
+    POST   api/jobs                         submit (JSON body, see validation.FIELDS) -> 201
+    GET    api/jobs[?group=g]               own jobs; with ?group, a group admin sees the group's
+    GET    api/jobs/<group>/<name>          status, with Kueue admission state and queue position
+    GET    api/jobs/<group>/<name>/logs?index=0[&follow=1]   text/plain
+    DELETE api/jobs/<group>/<name>          cancel
+    GET    health                           no authentication
+
+Every request except ``health`` carries a hub API token (``Authorization:
+token ...``); :class:`jupyterhub.services.auth.HubAuth` asks the hub who it
+belongs to. The token needs ``access:services!service=<this service>`` and
+``read:users:groups!user`` (see docs/batch.md for the hub configuration). A
+job the caller may not see answers 404, exactly as a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from jupyterhub.services.auth import HubAuth, check_scopes
+from jupyterhub.utils import url_path_join
+from labfleet_spawner.catalogue import Catalogue, load_catalogue
+from tornado import httpserver, web
+from tornado.ioloop import IOLoop
+from traitlets import Bool, Dict, Enum, Float, Instance, Integer, Unicode, default
+from traitlets.config import Application
+
+from .authz import Caller, Policy
+from .model import FINAL_STATES, LogsUnavailable
+from .queues import QueueConfig, parse_queue_config
+from .validation import Limits, RequestError, validate_request
+
+log = logging.getLogger("labfleet.batch")
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class Context:
+    """What the handlers share: backend, catalogue, queue config, policy, auth."""
+
+    def __init__(
+        self,
+        backend,
+        catalogue: Catalogue,
+        config: QueueConfig,
+        hub_auth: HubAuth,
+        policy: Policy | None = None,
+        limits: Limits | None = None,
+        log_poll_interval: float = 1.0,
+    ):
+        self.backend = backend
+        self.catalogue = catalogue
+        self.config = config
+        self.hub_auth = hub_auth
+        self.policy = policy or Policy(configured_admins=config_admins(config))
+        self.limits = limits or Limits()
+        self.log_poll_interval = log_poll_interval
+
+
+def config_admins(config: QueueConfig) -> dict[str, tuple[str, ...]]:
+    return {name: g.admins for name, g in config.groups.items()}
+
+
+class BaseHandler(web.RequestHandler):
+    ctx: Context
+    caller: Caller
+
+    def initialize(self, ctx: Context):
+        self.ctx = ctx
+
+    def set_default_headers(self):
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def check_xsrf_cookie(self):
+        # token-authenticated API; no cookies are read
+        return
+
+    async def prepare(self):
+        hub_auth = self.ctx.hub_auth
+        token = hub_auth.get_token(self, in_cookie=False)
+        if not token:
+            raise web.HTTPError(401, "send a hub API token: Authorization: token <token>")
+        model = await hub_auth.user_for_token(token, sync=False)
+        if not model:
+            raise web.HTTPError(403, "the hub does not accept this token")
+        if model.get("kind", "user") != "user":
+            raise web.HTTPError(403, "only users may use the batch service")
+        if hub_auth.access_scopes and not check_scopes(
+            hub_auth.access_scopes, set(model.get("scopes") or ())
+        ):
+            raise web.HTTPError(
+                403,
+                f"this token lacks the scope {' or '.join(sorted(hub_auth.access_scopes))}",
+            )
+        if "groups" not in model:
+            raise web.HTTPError(
+                403, "this token cannot show your groups; it needs read:users:groups!user"
+            )
+        self.caller = Caller.from_hub_model(model)
+
+    def write_error(self, status_code: int, **kwargs):
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def write_json(self, data: Any, status: int = 200):
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+    async def visible_job(self, group: str, name: str):
+        """The job if the caller may see it; else 404, exactly like a missing job."""
+        record = await self.ctx.backend.get(group, name)
+        if record is None or not self.ctx.policy.can_access(self.caller, record.user, group):
+            raise web.HTTPError(404, f"no job {group}/{name} that you may see")
+        return record
+
+
+class InfoHandler(BaseHandler):
+    async def get(self):
+        cfg, caller = self.ctx.config, self.caller
+        groups = sorted(g for g in cfg.groups if self.ctx.policy.can_submit(caller, g))
+        self.write_json(
+            {
+                "user": caller.name,
+                "groups": {g: {"accelerators": sorted(cfg.groups[g].accelerators)} for g in groups},
+                "admin_of": [g for g in groups if self.ctx.policy.is_group_admin(caller, g)],
+                "priorities": list(cfg.priorities),
+                "default_priority": cfg.default_priority,
+                "offload": cfg.offload_enabled,
+                "limits": vars(self.ctx.limits),
+            }
+        )
+
+
+class JobsHandler(BaseHandler):
+    async def get(self):
+        group = self.get_argument("group", None)
+        caller, policy = self.caller, self.ctx.policy
+        if group is not None:
+            if not policy.can_list_group(caller, group):
+                raise web.HTTPError(
+                    403, f"only admins of group {group[:64]!r} may list all of its jobs"
+                )
+            records = await self.ctx.backend.list_jobs([group])
+        else:
+            # own jobs, also in groups the caller has left since
+            records = await self.ctx.backend.list_jobs(sorted(self.ctx.config.groups), caller.name)
+        self.write_json({"jobs": [r.to_json() for r in records]})
+
+    async def post(self):
+        if len(self.request.body) > MAX_BODY_BYTES:
+            raise web.HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            raw = json.loads(self.request.body or b"null")
+        except ValueError as e:
+            raise web.HTTPError(400, f"the body is not JSON: {e}") from None
+        cfg = self.ctx.config
+        submittable = {
+            g: acc
+            for g, acc in cfg.covered_accelerators().items()
+            if self.ctx.policy.can_submit(self.caller, g)
+        }
+        try:
+            request = validate_request(
+                raw,
+                catalogue=self.ctx.catalogue,
+                user_groups=self.caller.groups,
+                queue_groups=submittable,
+                priorities=cfg.priorities,
+                default_priority=cfg.default_priority,
+                offload_available=cfg.offload_enabled,
+                limits=self.ctx.limits,
+            )
+        except RequestError as e:
+            raise web.HTTPError(400, "%s", str(e)) from None
+        record = await self.ctx.backend.submit(request, self.caller.name)
+        log.info(
+            "%s submitted %s (%s)", self.caller.name, record.id, request.selection.profile.name
+        )
+        self.write_json(record.to_json(), status=201)
+
+
+class JobHandler(BaseHandler):
+    async def get(self, group: str, name: str):
+        record = await self.visible_job(group, name)
+        self.write_json(record.to_json())
+
+    async def delete(self, group: str, name: str):
+        await self.visible_job(group, name)
+        try:
+            record = await self.ctx.backend.cancel(group, name)
+        except KeyError:
+            raise web.HTTPError(404, f"no job {group}/{name} that you may see") from None
+        log.info("%s cancelled %s", self.caller.name, record.id)
+        self.write_json(record.to_json())
+
+
+class LogsHandler(BaseHandler):
+    async def get(self, group: str, name: str):
+        record = await self.visible_job(group, name)
+        try:
+            index = int(self.get_argument("index", "0"))
+        except ValueError:
+            raise web.HTTPError(400, "index must be a whole number") from None
+        if not 0 <= index < record.completions:
+            raise web.HTTPError(
+                400, f"index {index} is out of range; allowed: 0 to {record.completions - 1}"
+            )
+        follow = self.get_argument("follow", "0") in ("1", "true", "yes")
+        backend = self.ctx.backend
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        sent = 0
+        while True:
+            try:
+                text = await backend.logs(group, name, index)
+            except LogsUnavailable as e:
+                if not follow or sent:
+                    raise web.HTTPError(409, "%s", str(e)) from None
+                text = ""
+            except KeyError:
+                raise web.HTTPError(404, f"no job {group}/{name} that you may see") from None
+            if len(text) > sent:
+                self.write(text[sent:])
+                await self.flush()
+                sent = len(text)
+            if not follow:
+                break
+            current = await backend.get(group, name)
+            if current is None or current.state in FINAL_STATES:
+                # one last read: output written just before the end
+                try:
+                    text = await backend.logs(group, name, index)
+                    self.write(text[sent:])
+                except (LogsUnavailable, KeyError):
+                    pass
+                break
+            await asyncio.sleep(self.ctx.log_poll_interval)
+        self.finish()
+
+
+class HealthHandler(web.RequestHandler):
+    def get(self):
+        self.finish({"status": "ok"})
+
+
+def make_app(ctx: Context, prefix: str = "/") -> web.Application:
+    job = r"([a-z0-9][a-z0-9._-]{0,62})/([a-z0-9][-a-z0-9]{0,62})"
+    args = {"ctx": ctx}
+    return web.Application(
+        [
+            (url_path_join(prefix, "health"), HealthHandler),
+            (url_path_join(prefix, "api/info"), InfoHandler, args),
+            (url_path_join(prefix, "api/jobs"), JobsHandler, args),
+            (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),
+            (url_path_join(prefix, f"api/jobs/{job}/logs"), LogsHandler, args),
+        ],
+    )
+
+
+class BatchService(Application):
+    """``labfleet-batch-service``: run by the hub as a managed (or external) service."""
+
+    name = "labfleet-batch-service"
+
+    catalogue_path = Unicode(
+        "", config=True, help="The profile catalogue YAML (the one the spawners use)."
+    )
+    queues_path = Unicode(
+        "",
+        config=True,
+        help="The per-group queue/quota YAML (see labfleet_batch.queues); read at start.",
+    )
+    backend = Enum(
+        ("kubernetes", "local"),
+        default_value="local",
+        config=True,
+        help="kubernetes: Jobs into Kueue; local: processes on this machine (single node).",
+    )
+    kubeconfig = Unicode(
+        "",
+        config=True,
+        help="Kubernetes backend: kubeconfig file; empty: the in-cluster service account.",
+    )
+    pod_storage = Dict(
+        {},
+        config=True,
+        help="Kubernetes backend: labfleet_batch.podspec.PodStorage fields (volume, mounts, ids).",
+    )
+    storage_root = Unicode(
+        "/srv/labfleet",
+        config=True,
+        help="Local backend: root of home/<user>, groups/<group>, public, envs (as the spawner).",
+    )
+    hub_db_path = Unicode(
+        "",
+        config=True,
+        help="""Local backend: the hub's SQLite database, read-only, for the user and group
+        ids that give jobs the same uid/gids as notebooks. Empty: jobs run as the service.""",
+    )
+    uid_base = Integer(200000, config=True, help="Local backend: as LocalGPUSpawner.uid_base.")
+    gid_base = Integer(300000, config=True, help="Local backend: as LocalGPUSpawner.gid_base.")
+    fpga_devices = Dict(
+        {}, config=True, help="Local backend: FPGA boards per accelerator, as the spawner's."
+    )
+    admin_group_suffix = Unicode(
+        "-admins",
+        config=True,
+        help="Members of hub groups <group><suffix> (and of <group>) are that group's admins.",
+    )
+    hub_admins_see_all = Bool(
+        True, config=True, help="Hub admins may see, read logs of and cancel every job."
+    )
+    limits = Dict(
+        {}, config=True, help="Overrides of labfleet_batch.validation.Limits (field: value)."
+    )
+    log_poll_interval = Float(1.0, config=True, help="Seconds between reads when following logs.")
+    service_url = Unicode(
+        config=True, help="Where to listen; default $JUPYTERHUB_SERVICE_URL or 127.0.0.1:10101."
+    )
+    hub_auth = Instance(HubAuth, allow_none=True, help="Set by initialize (or by tests).")
+
+    @default("service_url")
+    def _default_url(self):
+        return os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101")
+
+    aliases = {
+        "config": "BatchService.config_file",
+        "catalogue": "BatchService.catalogue_path",
+        "queues": "BatchService.queues_path",
+        "backend": "BatchService.backend",
+    }
+    config_file = Unicode("", config=True, help="A Python traitlets config file to load.")
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.config_file:
+            self.load_config_file(self.config_file)
+        if self.hub_auth is None:
+            self.hub_auth = HubAuth(parent=self)  # reads JUPYTERHUB_* from the environment
+
+    async def make_context(self) -> Context:
+        catalogue = load_catalogue(self.catalogue_path)
+        with open(self.queues_path) as f:
+            config = parse_queue_config(yaml.safe_load(f), catalogue, source=self.queues_path)
+        backend = await self.make_backend(config)
+        policy = Policy(
+            admin_group_suffix=self.admin_group_suffix,
+            hub_admins_see_all=self.hub_admins_see_all,
+            configured_admins=config_admins(config),
+        )
+        return Context(
+            backend,
+            catalogue,
+            config,
+            self.hub_auth,
+            policy,
+            Limits(**self.limits),
+            self.log_poll_interval,
+        )
+
+    async def make_backend(self, config: QueueConfig):
+        if self.backend == "kubernetes":
+            from kubernetes_asyncio import client as k8s_client
+            from kubernetes_asyncio import config as k8s_config
+
+            from .kube import KubeAPI, KubeBackend
+            from .podspec import PodStorage
+
+            if self.kubeconfig:
+                api_client = await k8s_config.new_client_from_config(config_file=self.kubeconfig)
+            else:
+                k8s_config.load_incluster_config()
+                api_client = k8s_client.ApiClient()
+            return KubeBackend(KubeAPI(api_client), config, PodStorage(**self.pod_storage))
+        from labfleet_spawner.devices import DeviceAllocator
+        from labfleet_spawner.nvml import discover
+
+        from .local import LocalBackend, sqlite_hub_ids
+
+        allocator = DeviceAllocator.from_discovery(
+            discover(None, logger=self.log), self.fpga_devices
+        )
+        return LocalBackend(
+            config,
+            self.storage_root,
+            allocator=allocator,
+            hub_ids=sqlite_hub_ids(self.hub_db_path) if self.hub_db_path else None,
+            uid_base=self.uid_base,
+            gid_base=self.gid_base,
+        )
+
+    def start(self):
+        url = urlparse(self.service_url)
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+
+        async def run():
+            ctx = await self.make_context()
+            server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=MAX_BODY_BYTES)
+            server.listen(url.port or 80, url.hostname or "127.0.0.1")
+            self.log.info(
+                "labfleet batch service (%s) on %s%s", self.backend, self.service_url, prefix
+            )
+            await asyncio.Event().wait()
+
+        IOLoop.current().run_sync(run)
+
+
+def main(argv=None):
+    BatchService.launch_instance(argv)
+
+
+if __name__ == "__main__":
+    main()
