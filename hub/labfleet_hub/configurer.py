@@ -245,6 +245,29 @@ def apply_config(values: dict, c) -> None:
         s.default_url = "/lab"
     else:
         s.namespace = spawner["namespace"]
+        kube = spawner.get("kubernetes", {})
+        s.home_storage = kube.get("home_storage", "shared")
+        if "home_capacity" in kube:
+            s.storage_capacity = kube["home_capacity"]
+        if "storage_class" in kube:
+            s.storage_class = kube["storage_class"]
+        # shared_volume (any volume source) wins over the shorthand shared_claim
+        if "shared_volume" in kube:
+            s.shared_volume = dict(kube["shared_volume"])
+        elif "shared_claim" in kube:
+            s.shared_volume = {"persistentVolumeClaim": {"claimName": kube["shared_claim"]}}
+        for key, trait in (
+            ("envs_writer_group", "envs_writer_group"),
+            ("uid_base", "uid_base"),
+            ("gid_base", "gid_base"),
+            ("unschedulable_grace_period", "unschedulable_grace_period"),
+            ("availability", "availability_enabled"),
+            ("kueue", "kueue_enabled"),
+        ):
+            if key in kube:
+                setattr(s, trait, kube[key])
+        if "accounting_group_exclude" in kube:
+            s.accounting_group_exclude = list(kube["accounting_group_exclude"])
 
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy['api_port']}"
     if proxy["command"]:
