@@ -469,7 +469,7 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
             self.log.exception("Deleting the unschedulable pod of %s", self._log_name)
         raise _http_error(
             503,
-            f"No node can run your server right now: {reason}. "
+            f"No node can run your server right now: {reason.rstrip('. ')}. "
             "Choose another profile or try again later.",
             "Unschedulable",
         )
