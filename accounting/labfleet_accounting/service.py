@@ -275,7 +275,10 @@ def make_app(
     ]
     return web.Application(
         routes, cookie_secret=cookie_secret or os.urandom(32), hub_auth=hub_auth,
-        login_url=hub_auth.login_url, xsrf_cookies=True,
+        login_url=hub_auth.login_url,
+        # No tornado-level XSRF: HubOAuth checks XSRF itself on cookie-authenticated
+        # requests (and token-authenticated API calls need none).
+        xsrf_cookies=False,
     )  # fmt: skip
 
 
