@@ -12,8 +12,9 @@ Routes (under the service prefix, e.g. ``/services/batch/``)::
 
 Every request except ``health`` carries a hub API token (``Authorization:
 token ...``); :class:`jupyterhub.services.auth.HubAuth` asks the hub who it
-belongs to. The token needs ``access:services!service=<this service>`` and
-``read:users:groups!user`` (see docs/batch.md for the hub configuration). A
+belongs to, with the user's groups (the hub always includes them for the
+token's owner). The token needs ``access:services!service=<this service>``
+(see docs/batch.md for the hub configuration). A
 job the caller may not see answers 404, exactly as a job that does not exist.
 """
 

@@ -1,0 +1,320 @@
+"""The batch service with the local backend, for real: a real JupyterHub for auth (HubAuth),
+the tornado app on loopback, jobs as real processes under mapped uids."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from labfleet_batch import client as batch_client
+from labfleet_batch.local import LocalBackend, sqlite_hub_ids
+from labfleet_batch.queues import parse_queue_config
+from labfleet_batch.validation import Limits
+from labfleet_spawner.catalogue import load_catalogue
+from labfleet_spawner.devices import DeviceAllocator
+from labfleet_spawner.nvml import GpuDevice
+from labfleet_spawner.storage import DEFAULT_UID_BASE
+
+from tests.batch.harness import cross_tenant_matrix, make_context, running_service
+
+ROOT = Path(__file__).resolve().parents[2]
+CATALOGUE = load_catalogue(ROOT / "config" / "catalogue.yaml")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def groups():
+    """Fresh group names per test: the hub is shared by the session."""
+    return {"ml": unique("ml"), "cms": unique("cms"), "phy": unique("phy")}
+
+
+@pytest.fixture
+def qconfig(groups):
+    return parse_queue_config(
+        {
+            "groups": {
+                groups["ml"]: {"cpu": 8, "memory": "32Gi", "accelerators": {"t4": 2}},
+                groups["cms"]: {"cpu": 1, "memory": "8Gi", "max_running": 1},
+                groups["phy"]: {"cpu": 4, "memory": "8Gi"},
+            }
+        },
+        CATALOGUE,
+    )
+
+
+@pytest.fixture
+def storage_root():
+    # pytest's tmp dirs are 0700: users' jobs under their own uids could not reach them
+    root = Path(tempfile.mkdtemp(prefix="labfleet-batch-"))
+    root.chmod(0o755)
+    yield root
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def t4():
+    return GpuDevice(0, "GPU-fake-t4-0", "Tesla T4")
+
+
+@pytest.fixture
+async def service(hub, qconfig, storage_root, t4):
+    backend = LocalBackend(
+        qconfig,
+        str(storage_root),
+        allocator=DeviceAllocator([t4]),
+        hub_ids=sqlite_hub_ids(hub.db_path),
+        kill_grace=2,
+    )
+    ctx = make_context(
+        backend, CATALOGUE, qconfig, hub, limits=Limits(min_run_time=1), log_poll_interval=0.2
+    )
+    async with running_service(ctx) as svc:
+        yield svc
+    await backend.close()
+
+
+@pytest.fixture
+def users(hub, groups):
+    """name -> (token, hub groups). carol administers ml through the hub group ml-admins."""
+    spec = {
+        unique("alice"): [groups["ml"]],
+        unique("bob"): [groups["cms"]],
+        unique("carol"): [groups["ml"], f"{groups['ml']}-admins"],
+        unique("dave"): [groups["phy"]],
+    }
+    return {name: (hub.add_user(name, g), set(g)) for name, g in spec.items()}
+
+
+def by_prefix(users, prefix):
+    return next((n, t) for n, (t, _) in users.items() if n.startswith(prefix))
+
+
+def hub_user_id(hub, name) -> int:
+    with sqlite3.connect(f"file:{hub.db_path}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()[0]
+
+
+async def test_indexed_job_runs_as_mapped_uid_with_files_and_logs(service, hub, users, groups):
+    alice, token = by_prefix(users, "alice")
+    r = await service.call(
+        "POST",
+        "api/jobs",
+        token,
+        {
+            "name": "idx",
+            "script": "echo index=$JOB_COMPLETION_INDEX uid=$(id -u); cat in.txt; pwd",
+            "files": {"in.txt": "payload\n"},
+            "completions": 3,
+            "parallelism": 2,
+            "group": groups["ml"],
+        },
+    )
+    assert r.status == 201, r.text
+    job = r.body
+    assert job["id"].startswith(f"{groups['ml']}/idx-") and job["user"] == alice
+    done = await service.wait_state(job["id"], token, {"succeeded", "failed"})
+    assert done["state"] == "succeeded", done
+    assert done["succeeded"] == 3
+    expected_uid = DEFAULT_UID_BASE + hub_user_id(hub, alice) if os.geteuid() == 0 else os.geteuid()
+    for index in range(3):
+        r = await service.call("GET", f"api/jobs/{job['id']}/logs?index={index}", token)
+        assert r.status == 200
+        lines = r.text.splitlines()
+        assert lines[0] == f"index={index} uid={expected_uid}"
+        assert lines[1] == "payload"
+        assert lines[2] == done["workdir"]  # results stay in the home, per job
+    assert Path(done["workdir"]).stat().st_uid == expected_uid
+    r = await service.call("GET", f"api/jobs/{job['id']}/logs?index=3", token)
+    assert r.status == 400 and "allowed: 0 to 2" in r.body["message"]
+
+
+async def test_rejected_request_creates_nothing(service, users, storage_root):
+    _, token = by_prefix(users, "alice")
+    r = await service.call("POST", "api/jobs", token, {"script": "x", "completions": 5000})
+    assert r.status == 400
+    assert r.body["message"] == "completions 5000 is out of range; allowed: 1 to 1000"
+    r = await service.call("POST", "api/jobs", token, {"script": "x", "profile": "gpu-a100"})
+    assert r.status == 400 and "not available to you" in r.body["message"]
+    r = await service.call("GET", "api/jobs", token)
+    assert r.body["jobs"] == []
+    assert not (storage_root / "home").exists() or not any((storage_root / "home").iterdir())
+
+
+async def test_group_quota_queues_second_job_with_position(service, users, groups):
+    bob, token = by_prefix(users, "bob")  # cms: max_running 1, cpu 1
+    first = (await service.call("POST", "api/jobs", token, {"script": "sleep 30"})).body
+    await service.wait_state(first["id"], token, {"running"})
+    second = (await service.call("POST", "api/jobs", token, {"script": "echo second"})).body
+    third = (await service.call("POST", "api/jobs", token, {"script": "echo third"})).body
+    r = await service.call("GET", f"api/jobs/{third['id']}", token)
+    assert r.body["state"] == "queued"
+    assert r.body["queue"]["position"] == 2 and r.body["queue"]["pending_in_queue"] == 2
+    r = await service.call("GET", f"api/jobs/{second['id']}", token)
+    assert r.body["queue"]["position"] == 1
+    assert "insufficient quota" in r.body["queue"]["message"], r.body
+    # the client's progress line shows the position
+    assert "position 1 of 2" in batch_client.describe(r.body)
+    r = await service.call("DELETE", f"api/jobs/{first['id']}", token)
+    assert r.status == 200 and r.body["state"] == "cancelled"
+    done = await service.wait_state(second["id"], token, {"succeeded"})
+    assert done["state"] == "succeeded"
+    await service.wait_state(third["id"], token, {"succeeded"})
+
+
+async def test_gpu_exclusive_and_shared_allocator(service, users, groups, t4):
+    alice, token = by_prefix(users, "alice")
+    body = {"script": "echo gpu=$CUDA_VISIBLE_DEVICES; sleep 30", "accelerator": "t4"}
+    first = (await service.call("POST", "api/jobs", token, body)).body
+    await service.wait_state(first["id"], token, {"running"})
+    allocator = service.ctx.backend.allocator
+    assert allocator.owner_of(t4.uuid) == f"batch:{first['id']}"
+    # within quota (t4: 2) but the machine's only T4 is taken: waits, says why
+    second = (await service.call("POST", "api/jobs", token, body)).body
+    r = await service.call("GET", f"api/jobs/{second['id']}", token)
+    assert r.body["state"] == "queued"
+    assert "no NVIDIA Tesla T4 (16 GB) is free" in r.body["queue"]["message"], r.body
+    await asyncio.sleep(0.5)
+    r = await service.call("GET", f"api/jobs/{first['id']}/logs", token)
+    assert r.text.strip() == f"gpu={t4.uuid}"
+    await service.call("DELETE", f"api/jobs/{first['id']}", token)
+    await service.wait_state(second["id"], token, {"running"})
+    assert allocator.owner_of(t4.uuid) == f"batch:{second['id']}"
+    await service.call("DELETE", f"api/jobs/{second['id']}", token)
+    assert allocator.owner_of(t4.uuid) is None
+
+
+async def test_cancel_kills_process_group_and_deadline_fails_job(service, users):
+    _, token = by_prefix(users, "alice")
+    script = "sleep 300 & echo $! > child.pid; echo $$ > main.pid; wait"
+    job = (await service.call("POST", "api/jobs", token, {"script": script})).body
+    await service.wait_state(job["id"], token, {"running"})
+    workdir = Path(job["workdir"])
+    for _ in range(50):
+        if (workdir / "child.pid").exists() and (workdir / "main.pid").exists():
+            break
+        await asyncio.sleep(0.1)
+    pids = [int((workdir / f).read_text()) for f in ("child.pid", "main.pid")]
+    r = await service.call("DELETE", f"api/jobs/{job['id']}", token)
+    assert r.body["state"] == "cancelled"
+    await asyncio.sleep(0.2)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    slow = (
+        await service.call("POST", "api/jobs", token, {"script": "sleep 60", "max_run_time": 1})
+    ).body
+    done = await service.wait_state(slow["id"], token, {"failed", "succeeded"}, timeout=20)
+    assert done["state"] == "failed" and "max_run_time of 1 s" in done["message"]
+
+
+async def test_follow_logs_streams_until_the_end(service, users):
+    _, token = by_prefix(users, "alice")
+    script = "for i in 1 2 3; do echo line$i; sleep 0.4; done"
+    job = (await service.call("POST", "api/jobs", token, {"script": script})).body
+    r = await service.call("GET", f"api/jobs/{job['id']}/logs?follow=1", token, timeout=30)
+    assert r.status == 200
+    assert r.text.split() == ["line1", "line2", "line3"]
+
+
+async def test_authentication_through_the_hub(service, hub, users, groups):
+    r = await service.call("GET", "api/info", None)
+    assert r.status == 401 and "Authorization: token" in r.body["message"]
+    r = await service.call("GET", "api/info", "not-a-token")
+    assert r.status == 403
+    name = unique("frank")
+    no_access = hub.add_user(name, [groups["ml"]], scopes=["read:users:groups!user"])
+    r = await service.call("GET", "api/info", no_access)
+    assert r.status == 403 and "access:services!service=batch" in r.body["message"]
+    # the access scope is all a token needs: the hub always tells a token's owner's groups
+    gina = unique("gina")
+    only_access = hub.add_user(gina, [groups["cms"]], scopes=["access:services!service=batch"])
+    r = await service.call("GET", "api/info", only_access)
+    assert r.status == 200 and r.body["user"] == gina and list(r.body["groups"]) == [groups["cms"]]
+    # groups come from the hub, not from the request
+    alice, token = by_prefix(users, "alice")
+    r = await service.call("GET", "api/info", token)
+    assert r.status == 200 and r.body["user"] == alice
+    assert list(r.body["groups"]) == [groups["ml"]] and r.body["admin_of"] == []
+
+
+async def test_group_admin_sees_and_cancels_group_jobs(service, users, groups):
+    alice, alice_token = by_prefix(users, "alice")
+    carol, carol_token = by_prefix(users, "carol")
+    job = (await service.call("POST", "api/jobs", alice_token, {"script": "sleep 30"})).body
+    r = await service.call("GET", f"api/jobs?group={groups['ml']}", alice_token)
+    assert r.status == 403 and "only admins" in r.body["message"]
+    r = await service.call("GET", f"api/jobs?group={groups['ml']}", carol_token)
+    assert r.status == 200 and [j["id"] for j in r.body["jobs"]] == [job["id"]]
+    r = await service.call("GET", "api/info", carol_token)
+    assert r.body["admin_of"] == [groups["ml"]]
+    r = await service.call("DELETE", f"api/jobs/{job['id']}", carol_token)
+    assert r.status == 200 and r.body["state"] == "cancelled"
+    # but a plain member does not see a fellow member's job
+    carols = (await service.call("POST", "api/jobs", carol_token, {"script": "true"})).body
+    r = await service.call("GET", f"api/jobs/{carols['id']}", alice_token)
+    assert r.status == 404
+
+
+async def test_cross_tenant_matrix(service, users):
+    jobs = {}
+    for name, (token, _) in users.items():
+        r = await service.call("POST", "api/jobs", token, {"script": "sleep 20"})
+        assert r.status == 201, r.text
+        jobs[name] = r.body["id"]
+    probes, refusals, failures = await cross_tenant_matrix(service, users, jobs)
+    # 4 users, 6 unordered pairs; alice and carol share ml: 5 pairs, 10 ordered, 6 probes each
+    assert failures == []
+    assert (probes, refusals) == (60, 60)
+    # every job is still there and untouched for its owner
+    for name, (token, _) in users.items():
+        r = await service.call("GET", f"api/jobs/{jobs[name]}", token)
+        assert r.status == 200 and r.body["state"] != "cancelled"
+
+
+async def test_cli_and_magic_through_the_service(service, users, groups, capsys):
+    _, token = by_prefix(users, "alice")
+    c = batch_client.BatchClient(url=service.url, token=token)
+
+    def cli(*argv):
+        return batch_client.main(list(argv), client=c)
+
+    rc = await asyncio.to_thread(cli, "submit", "--name", "snake", "--", "echo", "hello")
+    out = capsys.readouterr().out.strip()
+    assert rc == 0 and out.startswith(f"{groups['ml']}/snake-") and "\n" not in out
+    job_id = out
+    rc = await asyncio.to_thread(cli, "wait", job_id)
+    captured = capsys.readouterr()
+    assert rc == 0 and "succeeded" in captured.err
+    await asyncio.to_thread(cli, "status", job_id)
+    assert capsys.readouterr().out.strip() == "success"
+    await asyncio.to_thread(cli, "logs", job_id)
+    assert capsys.readouterr().out == "hello\n"
+    rc = await asyncio.to_thread(cli, "submit", "--", "sh", "-c", "exit 3")
+    failing = capsys.readouterr().out.strip()
+    assert await asyncio.to_thread(cli, "wait", failing) == 1
+    await asyncio.to_thread(cli, "status", failing)
+    assert capsys.readouterr().out.strip() == "failed"
+    rc = await asyncio.to_thread(cli, "submit", "--profile", "nope", "--", "true")
+    assert rc == 2 and "profile 'nope' is not available" in capsys.readouterr().err
+    job = await asyncio.to_thread(
+        batch_client.batch_magic, "--group " + groups["ml"] + " --wait --logs", "echo magic", c
+    )
+    out = capsys.readouterr().out
+    assert job["state"] == "succeeded" and "magic" in out and "submitted" in out
+
+
+def test_load_ipython_extension_registers_cell_magic():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    batch_client.load_ipython_extension(shell)
+    assert "batch" in shell.magics_manager.magics["cell"]
