@@ -2,12 +2,14 @@
 
 import sys
 
-from benchmarks import availability, login_latency
+from benchmarks import accounting, availability, login_latency
 
 
 def main() -> int:
     print("==> login-to-JupyterLab latency: labfleet vs stock JupyterHub", flush=True)
     login_latency.main(sys.argv[1:] or None)
+    print("==> accounting: ingestion, report latency, collector memory", flush=True)
+    accounting.main([])
     print("==> spawn-form availability: watch cache vs list-per-render", flush=True)
     availability.main([])
     return 0

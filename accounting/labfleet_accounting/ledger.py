@@ -60,21 +60,21 @@ class Ledger:
 
     def _open(self, connection, usages: Iterable[Usage], seen: int) -> None:
         rows = [{**u.row(), "end_s": None, "last_seen_s": max(seen, u.start)} for u in usages]
-        for chunk in _chunks(rows):
-            stmt = self._insert(UsageInterval).values(chunk)
-            stmt = stmt.on_conflict_do_nothing(index_elements=_KEY)
-            connection.execute(stmt)
+        if rows:
+            # executemany of one cached statement: compiled once, not per batch.
+            stmt = self._insert(UsageInterval).on_conflict_do_nothing(index_elements=_KEY)
+            connection.execute(stmt, rows)
 
     def _close(self, connection, closes: Iterable[tuple[Usage, int]]) -> None:
         rows = [{**u.row(), "end_s": end, "last_seen_s": end} for u, end in closes]
-        for chunk in _chunks(rows):
-            stmt = self._insert(UsageInterval).values(chunk)
+        if rows:
+            stmt = self._insert(UsageInterval)
             stmt = stmt.on_conflict_do_update(
                 index_elements=_KEY,
                 set_={"end_s": stmt.excluded.end_s, "last_seen_s": stmt.excluded.last_seen_s},
                 where=UsageInterval.end_s.is_(None),
             )
-            connection.execute(stmt)
+            connection.execute(stmt, rows)
 
     def apply(
         self,
