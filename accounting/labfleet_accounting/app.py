@@ -93,7 +93,7 @@ class AccountingApp(Application):
         "serve": ("labfleet_accounting.app.ServeApp", "Run the service and its collectors."),
     }
     aliases = {"db-url": "AccountingApp.db_url", "spool": "AccountingApp.spool_path",
-               "port": "AccountingApp.port", "config": "Application.config_file"}  # fmt: skip
+               "port": "AccountingApp.port", "config": "AccountingApp.config_file"}  # fmt: skip
     config_file = Unicode("", config=True, help="Python configuration file to load.")
 
     @catch_config_error
