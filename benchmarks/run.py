@@ -2,7 +2,7 @@
 
 import sys
 
-from benchmarks import accounting, availability, login_latency
+from benchmarks import accounting, availability, batch, login_latency
 
 
 def main() -> int:
@@ -12,6 +12,8 @@ def main() -> int:
     accounting.main([])
     print("==> spawn-form availability: watch cache vs list-per-render", flush=True)
     availability.main([])
+    print("==> batch: 1,000 Jobs through the batch service vs direct creation", flush=True)
+    batch.main([])
     return 0
 
 
