@@ -88,6 +88,20 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120) -
     return False
 
 
+def stop_stray_proxy(pid_file: Path) -> None:
+    """Stop the proxy a hub left behind (its own session: a killed hub cannot stop it)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"configurable-http-proxy" in cmdline:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 def cmd_check_config(args) -> int:
     try:
         values = load_values(args.config)
@@ -161,6 +175,7 @@ def cmd_up(args) -> int:
                 hub_process.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(hub_process.pid, signal.SIGKILL)
+        stop_stray_proxy(state_dir / "jupyterhub-proxy.pid")
         if idp is not None:
             idp.stop()
 

@@ -212,13 +212,15 @@ FORGERIES = [
     ),
     (
         "negative accelerator count",
-        "document.querySelector('#profile-gpu-t4').checked = true;"
+        "const r = document.querySelector('#profile-gpu-t4');"
+        "r.removeAttribute('disabled'); r.checked = true;"
         "const c = document.querySelector('#gpu-t4-count'); c.type = 'text'; c.value = '-4';",
         "count -4 of t4 is out of range",
     ),
     (
         "huge accelerator count",
-        "document.querySelector('#profile-gpu-t4').checked = true;"
+        "const r = document.querySelector('#profile-gpu-t4');"
+        "r.removeAttribute('disabled'); r.checked = true;"
         "const c = document.querySelector('#gpu-t4-count'); c.type = 'text'; c.value = '100000';",
         "allowed: 1 to 2",
     ),
