@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import time
 import uuid
 from fractions import Fraction
 
@@ -458,3 +459,158 @@ def test_teardown_leaves_no_processes(k8s_binaries, tmp_path):
         assert not clusterlib._proc_alive(pid), pid
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", c.ports["apiserver"])) != 0
+
+
+# --------------------------------------------------------------------------
+# plain pods (Kueue's pod integration) and the visibility API
+
+
+def cpu_queue(c, ns: str, s: str, cpus: int) -> str:
+    """A flavor without node labels and a ClusterQueue of ``cpus`` CPUs; returns the LocalQueue."""
+    rf, cq = f"cpu-{s}", f"cq-cpu-{s}"
+    c.apply(
+        [
+            {"apiVersion": KUEUE, "kind": "ResourceFlavor", "metadata": {"name": rf}},
+            {
+                "apiVersion": KUEUE,
+                "kind": "ClusterQueue",
+                "metadata": {"name": cq},
+                "spec": {
+                    "namespaceSelector": {},
+                    "queueingStrategy": "StrictFIFO",
+                    "resourceGroups": [
+                        {
+                            "coveredResources": ["cpu", "memory"],
+                            "flavors": [
+                                {
+                                    "name": rf,
+                                    "resources": [
+                                        {"name": "cpu", "nominalQuota": cpus},
+                                        {"name": "memory", "nominalQuota": "64Gi"},
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                },
+            },
+        ]
+    )
+    c.apply(local_queue("team", ns, cq))
+    wait_cq_active(c, cq)
+    wait_lq_active(c, ns, "team")
+    return "team"
+
+
+def plain_pod(name: str, ns: str, queue: str, cpu: str = "1") -> dict:
+    """A pod joining ``queue`` with the queue label only: the webhook adds the rest."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"kueue.x-k8s.io/queue-name": queue},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "registry.invalid/labfleet/test:0",
+                    "resources": {"requests": {"cpu": cpu, "memory": "1Gi"}},
+                }
+            ],
+        },
+    }
+
+
+def test_plain_pod_gated_until_admitted_by_kueue(k8s_cluster, k8s_namespace):
+    if not k8s_cluster.webhooks:
+        pytest.skip("cluster started without Kueue webhooks")
+    c, ns = k8s_cluster, k8s_namespace
+    lq = cpu_queue(c, ns, uid(), cpus=1)
+    c.apply(plain_pod("first", ns, lq))
+    c.apply(plain_pod("second", ns, lq))
+
+    # the pod webhook marked both as managed and gated them (as in production)
+    second = get(c, "pod", "-n", ns, "second")
+    assert second["metadata"]["labels"]["kueue.x-k8s.io/managed"] == "true"
+    first = wait_for(
+        "pod 'first' admitted (gate removed) and Running",
+        lambda: (p := get(c, "pod", "-n", ns, "first"))["status"].get("phase") == "Running" and p,
+        30,
+    )
+    assert not first["spec"].get("schedulingGates")
+    assert first["spec"]["nodeName"].startswith("cpu-")
+
+    # the second exceeds the 1-CPU quota: it keeps its gate, unscheduled
+    def pending_second():
+        wls = get(c, "workloads.kueue.x-k8s.io", "-n", ns)["items"]
+        for wl in wls:
+            refs = wl["metadata"].get("ownerReferences", [])
+            if any(r["kind"] == "Pod" and r["name"] == "second" for r in refs):
+                cnd = condition(wl, "QuotaReserved")
+                return cnd and cnd["status"] == "False" and wl
+        return None
+
+    wait_for("a pending Workload owned by pod 'second'", pending_second, 30)
+    second = get(c, "pod", "-n", ns, "second")
+    gates = [g["name"] for g in second["spec"].get("schedulingGates", [])]
+    # Kueue 0.17's webhook also adds kueue.x-k8s.io/topology (removed on admission)
+    assert "kueue.x-k8s.io/admission" in gates, gates
+    assert not second["spec"].get("nodeName")
+
+    # the first finishes: its quota goes to the second
+    c.kubectl("delete", "pod", "-n", ns, "first", "--wait=false")
+    wait_for(
+        "pod 'second' admitted and Running",
+        lambda: get(c, "pod", "-n", ns, "second")["status"].get("phase") == "Running",
+        30,
+    )
+
+
+def test_visibility_api_pending_positions(k8s_cluster, k8s_namespace):
+    if not k8s_cluster.visibility:
+        pytest.skip("cluster started without Kueue's visibility API")
+    c, ns = k8s_cluster, k8s_namespace
+    assert "v1beta2" in k8s_cluster.visibility
+    lq = cpu_queue(c, ns, uid(), cpus=1)
+    c.apply(plain_pod("running", ns, lq))
+    wait_for(
+        "pod 'running' Running",
+        lambda: get(c, "pod", "-n", ns, "running")["status"].get("phase") == "Running",
+        30,
+    )
+    c.apply(plain_pod("next", ns, lq))
+    # creation timestamps have 1 s resolution: keep the FIFO order unambiguous
+    wait_for(
+        "a Workload for pod 'next'",
+        lambda: len(get(c, "workloads.kueue.x-k8s.io", "-n", ns)["items"]) == 2,
+    )
+    time.sleep(1.1)
+    c.apply(plain_pod("after", ns, lq))
+
+    base = "/apis/visibility.kueue.x-k8s.io/v1beta2"
+
+    def positions():
+        data = c.api_get(f"{base}/namespaces/{ns}/localqueues/{lq}/pendingworkloads")
+        items = data.get("items", [])
+        return len(items) == 2 and items
+
+    items = wait_for("two pending workloads in the visibility API", positions, 30)
+    owners = {
+        item["metadata"]["ownerReferences"][0]["name"]: item["positionInLocalQueue"]
+        for item in items
+    }
+    assert owners == {"next": 0, "after": 1}, items
+    assert {i["localQueueName"] for i in items} == {lq}
+    # the same through the ClusterQueue, and through the older version
+    cq = get(c, "localqueues.kueue.x-k8s.io", "-n", ns, lq)["spec"]["clusterQueue"]
+    data = c.api_get(f"{base}/clusterqueues/{cq}/pendingworkloads")
+    assert sorted(i["positionInClusterQueue"] for i in data["items"]) == [0, 1]
+    if "v1beta1" in k8s_cluster.visibility:
+        old = c.api_get(
+            f"/apis/visibility.kueue.x-k8s.io/v1beta1/namespaces/{ns}/localqueues/{lq}"
+            "/pendingworkloads"
+        )
+        assert len(old["items"]) == 2

@@ -24,7 +24,7 @@ JOBS="${LABFLEET_BUILD_JOBS:-2}"
 
 declare -A VERSION=(
   [etcd]="$ETCD_VERSION" [kubernetes]="$K8S_VERSION" [kwok]="$KWOK_VERSION"
-  [kueue]="$KUEUE_VERSION" [helm]="$HELM_VERSION"
+  [kueue]="$KUEUE_VERSION-r${KUEUE_BUILD_REV:-1}" [helm]="$HELM_VERSION"
 )
 declare -A BINARIES=(
   [etcd]="etcd"
@@ -148,12 +148,19 @@ build_component() {
         exit 4
       fi
       log "$c: building kueue manager (metrics cert dir overridable via KUEUE_METRICS_CERT_DIR)"
+      # The visibility server (an aggregated API) loads its TLS pair from the
+      # fixed directory /visibility when internal cert management is off; the
+      # path is a plain string variable, so -X makes it relative: cluster.py
+      # starts Kueue in the cluster's state dir, which holds visibility-certs/.
       go_build "$moddir" "$tmp/kueue" ./gen/kueue \
-        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION -X sigs.k8s.io/kueue/pkg/visibility.certDir=visibility-certs"
       rm -rf "$moddir/gen"
       mkdir -p "$tmp/crds"
       cp "$src"/config/components/crd/bases/*.yaml "$tmp/crds/"
       cp "$src/config/components/webhook/manifests.yaml" "$tmp/webhook-manifests.yaml"
+      mkdir -p "$tmp/visibility"
+      cp "$src"/config/components/visibility/apiservice_*.yaml "$tmp/visibility/"
+      chmod -R u+w "$tmp/visibility"
       chmod u+w "$tmp/webhook-manifests.yaml"
       chmod -R u+w "$tmp/crds"
       log "$c: copied $(ls "$tmp/crds" | wc -l) CRDs from $src" ;;

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import os
@@ -55,6 +56,22 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_FLEET = HERE / "fleet.yaml"
 STAGES_FILE = HERE / "kwok-stages.yaml"
 BUILD_SH = HERE / "build.sh"
+
+
+def _load_sibling(name: str):
+    """Import tools/cluster/<name>.py whatever sys.path is (tests load this file by path)."""
+    modname = f"labfleet_cluster_{name}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    spec = importlib.util.spec_from_file_location(modname, HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+kueue_parts = _load_sibling("kueue_parts")
+kueue_webhook_manifests = kueue_parts.kueue_webhook_manifests
 
 #: Pod IPs handed out by kwok (must stay inside 127.0.0.0/8).
 POD_CIDR = "127.100.0.1/16"
@@ -113,7 +130,7 @@ def component_dirs() -> dict[str, Path]:
         "etcd": root / f"etcd-{v['ETCD_VERSION']}",
         "kubernetes": root / f"kubernetes-{v['K8S_VERSION']}",
         "kwok": root / f"kwok-{v['KWOK_VERSION']}",
-        "kueue": root / f"kueue-{v['KUEUE_VERSION']}",
+        "kueue": root / f"kueue-{v['KUEUE_VERSION']}-r{v.get('KUEUE_BUILD_REV', '1')}",
     }
 
 
@@ -134,6 +151,7 @@ class Binaries:
     kueue: Path
     kueue_crds: Path
     kueue_webhooks: Path
+    kueue_visibility: Path
 
 
 def find_binaries() -> Binaries | None:
@@ -152,6 +170,7 @@ def find_binaries() -> Binaries | None:
         kueue=d["kueue"] / "kueue",
         kueue_crds=d["kueue"] / "crds",
         kueue_webhooks=d["kueue"] / "webhook-manifests.yaml",
+        kueue_visibility=d["kueue"] / "visibility",
     )
 
 
@@ -284,7 +303,9 @@ def make_pki(pki: Path) -> None:
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth,clientAuth\n"
         "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
-        "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+        # the name the aggregator verifies for Kueue's visibility APIService
+        "DNS:{}.{}.svc\n".format(*reversed(kueue_parts.VISIBILITY_SERVICE))
     )
     _openssl(
         "req",
@@ -318,11 +339,53 @@ def make_pki(pki: Path) -> None:
         "server.ext",
         cwd=pki,
     )
+    _make_front_proxy_pki(pki)
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     for f in pki.iterdir():
         if f.suffix == ".key":
             f.chmod(0o600)
+
+
+#: Client certificate name the aggregator presents to aggregated API servers.
+FRONT_PROXY_CLIENT = "front-proxy-client"
+
+
+def _make_front_proxy_pki(pki: Path) -> None:
+    """A separate CA and client certificate for API aggregation (request-header auth).
+
+    kube-apiserver proxies requests to aggregated APIs (Kueue's visibility
+    API) with this certificate and X-Remote-User/Group headers; the
+    aggregated server trusts the headers only from a certificate signed by
+    ``front-proxy-ca`` with an allowed name. A separate CA, as kubeadm does,
+    so no ordinary client certificate can assert identities through headers.
+    """
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
+        "-keyout", "front-proxy-ca.key", "-out", "front-proxy-ca.crt",
+        "-subj", "/CN=labfleet-front-proxy-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        cwd=pki,
+    )  # fmt: skip
+    (pki / "front-proxy-client.ext").write_text(
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=clientAuth\n"
+    )
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes",
+        "-keyout", "front-proxy-client.key", "-out", "front-proxy-client.csr",
+        "-subj", f"/CN={FRONT_PROXY_CLIENT}",
+        cwd=pki,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", "front-proxy-client.csr",
+        "-CA", "front-proxy-ca.crt", "-CAkey", "front-proxy-ca.key", "-CAcreateserial",
+        "-out", "front-proxy-client.crt", "-days", "30", "-sha256",
+        "-extfile", "front-proxy-client.ext",
+        cwd=pki,
+    )  # fmt: skip
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
@@ -411,6 +474,8 @@ class Cluster:
     kubectl_bin: Path
     ports: dict[str, int]
     webhooks: bool
+    #: versions of visibility.kueue.x-k8s.io served through the aggregator ([] if off)
+    visibility: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -464,6 +529,7 @@ class Cluster:
             kubectl_bin=Path(d["kubectl_bin"]),
             ports=d["ports"],
             webhooks=d["webhooks"],
+            visibility=d.get("visibility", []),
         )
 
 
@@ -657,58 +723,6 @@ def cluster_pids(state_dir: Path | str) -> list[int]:
 # start
 
 
-def _kueue_config(path: Path, ports: dict[str, int], certdir: Path) -> None:
-    cfg = {
-        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
-        "kind": "Configuration",
-        "namespace": "kueue-system",
-        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['kueue-health']}"},
-        "metrics": {"bindAddress": f"127.0.0.1:{ports['kueue-metrics']}"},
-        "webhook": {"host": "127.0.0.1", "port": ports["kueue-webhook"], "certDir": str(certdir)},
-        "leaderElection": {"leaderElect": False},
-        "internalCertManagement": {"enable": False},
-        "manageJobsWithoutQueueName": False,
-        "integrations": {"frameworks": ["batch/job"]},
-        "clientConnection": {"qps": 100, "burst": 200},
-    }
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-def kueue_webhook_manifests(manifests: Path, base_url: str, ca_pem: bytes) -> list[dict]:
-    """Kueue's webhook configurations, rewritten to call base_url directly.
-
-    Only the webhooks for Kueue's own API group and batch/v1 Jobs are kept
-    (the only integration enabled here)."""
-    ca = base64.b64encode(ca_pem).decode()
-    out = []
-    for doc in yaml.safe_load_all(manifests.read_text()):
-        if not doc or doc.get("kind") not in (
-            "MutatingWebhookConfiguration",
-            "ValidatingWebhookConfiguration",
-        ):
-            continue
-        hooks = []
-        for h in doc.get("webhooks", []):
-            path = h["clientConfig"]["service"]["path"]
-            if not ("-kueue-x-k8s-io-" in path or path.endswith("-batch-v1-job")):
-                continue
-            h["clientConfig"] = {"url": base_url + path, "caBundle": ca}
-            hooks.append(h)
-        kind = doc["kind"]
-        out.append(
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": kind,
-                "metadata": {
-                    "name": "labfleet-kueue-"
-                    + ("mutating" if kind.startswith("Mutating") else "validating")
-                },
-                "webhooks": hooks,
-            }
-        )
-    return out
-
-
 def start_cluster(
     state_dir: Path | str,
     *,
@@ -769,6 +783,7 @@ def _start(
         "kueue-webhook",
         "kueue-metrics",
         "kueue-health",
+        "kueue-visibility",
     ]
     ports: dict[str, int] = {}
     while len(set(ports.values())) != len(names):
@@ -852,6 +867,22 @@ def _start(
             str(pki / "sa.key"),
             "--service-cluster-ip-range",
             SERVICE_CIDR,
+            # API aggregation (Kueue's visibility API): the aggregator's client
+            # certificate and the request-header identity it forwards.
+            "--requestheader-client-ca-file",
+            str(pki / "front-proxy-ca.crt"),
+            "--requestheader-allowed-names",
+            FRONT_PROXY_CLIENT,
+            "--requestheader-username-headers",
+            "X-Remote-User",
+            "--requestheader-group-headers",
+            "X-Remote-Group",
+            "--requestheader-extra-headers-prefix",
+            "X-Remote-Extra-",
+            "--proxy-client-cert-file",
+            str(pki / "front-proxy-client.crt"),
+            "--proxy-client-key-file",
+            str(pki / "front-proxy-client.key"),
             "--endpoint-reconciler-type",
             "none",
             "--allow-privileged=true",
@@ -979,7 +1010,11 @@ def _start(
         certdir.mkdir(exist_ok=True)
         shutil.copy(pki / "server.crt", certdir / "tls.crt")
         shutil.copy(pki / "server.key", certdir / "tls.key")
-        _kueue_config(state_dir / "kueue-config.yaml", ports, certdir)
+        # build.sh points the visibility server at <cwd>/visibility-certs
+        shutil.copytree(certdir, state_dir / "visibility-certs", dirs_exist_ok=True)
+        (state_dir / "kueue-config.yaml").write_text(
+            yaml.safe_dump(kueue_parts.kueue_config(ports, certdir), sort_keys=False)
+        )
         cluster.kubectl(
             "wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s", timeout=90
         )
@@ -990,8 +1025,9 @@ def _start(
                 str(b.kueue),
                 "--config",
                 str(state_dir / "kueue-config.yaml"),
-                "--feature-gates",
-                "VisibilityOnDemand=false",
+                # also what the visibility server uses for delegated authn/authz
+                "--kubeconfig",
+                str(kubeconfig),
             ],
             env={
                 **os.environ,
@@ -1016,6 +1052,7 @@ def _start(
                     (pki / "ca.crt").read_bytes(),
                 )
             )
+        cluster.visibility = _register_visibility(cluster, b, ports, pki, procs, progress)
 
     # readiness ------------------------------------------------------------------
     if nodes:
@@ -1039,6 +1076,38 @@ def _start(
     (state_dir / "cluster.json").write_text(json.dumps(cluster.to_json(), indent=1))
     progress(f"cluster ready in {time.monotonic() - t0:.0f}s: KUBECONFIG={kubeconfig}")
     return cluster
+
+
+def _register_visibility(
+    cluster: Cluster, b: Binaries, ports: dict[str, int], pki: Path, procs: _Procs, progress
+) -> list[str]:
+    """Register Kueue's visibility APIServices; the versions that became Available.
+
+    Never fatal: a cluster without the visibility API is still useful (clients
+    fall back to Workload status), so a failure is logged with the
+    APIService's condition and [] returned."""
+    versions = kueue_parts.visibility_versions(b.kueue_visibility)
+    port = ports["kueue-visibility"]
+    progress(f"registering Kueue visibility API {versions} at https://127.0.0.1:{port}")
+    cluster.apply(
+        kueue_parts.visibility_manifests(b.kueue_visibility, port, (pki / "ca.crt").read_bytes())
+    )
+    names = [f"{v}.visibility.kueue.x-k8s.io" for v in versions]
+
+    def available() -> bool:
+        for name in names:
+            svc = cluster.kubectl_json("get", "apiservice", name)
+            conds = {c["type"]: c for c in svc.get("status", {}).get("conditions", [])}
+            if conds.get("Available", {}).get("status") != "True":
+                return False
+        return True
+
+    try:
+        _wait("Kueue visibility APIServices Available", available, 45, procs, "kueue")
+    except ClusterError as e:
+        progress(f"visibility API unavailable, continuing without it: {e}")
+        return []
+    return versions
 
 
 # --------------------------------------------------------------------------
