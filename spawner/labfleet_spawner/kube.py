@@ -15,7 +15,9 @@
 - spawn progress that says why a pod waits (the scheduler's message, a
   Kueue admission gate), and a spawn that fails with that reason once the pod
   has been unschedulable for ``unschedulable_grace_period`` seconds;
-- optional Kueue plain-pod integration for profiles with ``kueue: true``.
+- optional Kueue plain-pod integration for profiles with ``kueue: true``, with
+  the pod's place in its queue in the progress messages (Kueue's visibility
+  API, else an estimate from the namespace's Workloads).
 
 Bad names (a user or group name that cannot be a label value or a directory)
 are refused with HTTP 400 before any Kubernetes object exists.
@@ -24,8 +26,10 @@ are refused with HTTP 400 before any Kubernetes object exists.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from kubernetes_asyncio.client import V1PodSchedulingGate
 from kubespawner import KubeSpawner
@@ -77,16 +81,92 @@ def unschedulable_reason(pod: dict | None) -> str | None:
     return None
 
 
-def pending_message(pod: dict | None) -> str | None:
-    """A sentence for the progress page while ``pod`` waits to be scheduled, else None."""
+def kueue_gated(pod: dict | None) -> bool:
+    """Whether ``pod`` still waits behind Kueue's admission gate."""
+    gates = ((pod or {}).get("spec") or {}).get("schedulingGates") or []
+    return any(g.get("name") == KUEUE_ADMISSION_GATE for g in gates)
+
+
+def _owned_by(obj: dict, pod: dict) -> bool:
+    """Whether ``obj`` (a Workload or a visibility API entry) belongs to ``pod``.
+
+    By uid; by name only for a pod dict without one (names are reused, uids not).
+    """
+    meta = pod.get("metadata") or {}
+    key, want = ("uid", meta["uid"]) if meta.get("uid") else ("name", meta.get("name"))
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("kind") == "Pod" and ref.get(key) == want for ref in refs)
+
+
+def position_from_visibility(pending: dict, pod: dict) -> int | None:
+    """0-based place of ``pod``'s Workload in a visibility API ``pendingworkloads`` answer."""
+    for item in pending.get("items") or []:
+        if _owned_by(item, pod):
+            return int(item.get("positionInLocalQueue", 0))
+    return None
+
+
+def _true(obj: dict, kind: str) -> bool:
+    return any(
+        c.get("type") == kind and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or []
+    )
+
+
+def position_from_workloads(workloads: list[dict], pod: dict) -> int | None:
+    """0-based place of ``pod``'s Workload among the pending Workloads of its LocalQueue.
+
+    An estimate for clusters without the visibility API: Kueue's order within
+    one LocalQueue (priority, then creation time), blind to other LocalQueues
+    of the ClusterQueue and to workloads that cannot fit at all.
+    """
+    mine = next((wl for wl in workloads if _owned_by(wl, pod)), None)
+    if mine is None or _true(mine, "QuotaReserved"):
+        return None
+    queue = (mine.get("spec") or {}).get("queueName")
+    pending = [
+        wl
+        for wl in workloads
+        if (wl.get("spec") or {}).get("queueName") == queue
+        and not _true(wl, "QuotaReserved")
+        and not _true(wl, "Finished")
+    ]
+    pending.sort(
+        key=lambda wl: (
+            -((wl.get("spec") or {}).get("priority") or 0),
+            (wl.get("metadata") or {}).get("creationTimestamp") or "",
+            (wl.get("metadata") or {}).get("name") or "",
+        )
+    )
+    return pending.index(mine)
+
+
+def queue_phrase(position: int | None) -> str:
+    """``position`` (0-based, as Kueue counts) in words; empty when unknown."""
+    if position is None:
+        return ""
+    if position == 0:
+        return "you are next in line"
+    ahead = "1 session or job" if position == 1 else f"{position} sessions or jobs"
+    return f"position {position + 1} in line ({ahead} ahead of you)"
+
+
+def pending_message(pod: dict | None, position: int | None = None) -> str | None:
+    """A sentence for the progress page while ``pod`` waits to be scheduled, else None.
+
+    ``position``: the pod's 0-based place in its Kueue queue, when known.
+    """
     if not pod:
         return None
     gates = [g.get("name") for g in (pod.get("spec") or {}).get("schedulingGates") or []]
     if KUEUE_ADMISSION_GATE in gates:
         queue = ((pod.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL, "?")
+        where = queue_phrase(position)
         return (
             f"Waiting for admission by Kueue in queue {queue}: your group's quota for this "
-            "accelerator is in use; the session starts when quota frees up"
+            "accelerator is in use; "
+            + (f"{where}; " if where else "")
+            + "the session starts when quota frees up"
         )
     if gates:
         return f"Waiting for scheduling gates: {', '.join(map(str, gates))}"
@@ -244,8 +324,26 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         """,
     )
 
+    kueue_visibility_version = Unicode(
+        "v1beta2",
+        config=True,
+        help="""Version of Kueue's visibility API (``visibility.kueue.x-k8s.io``) asked for
+        the queue position shown while a session waits for admission. Needs ``get`` on
+        ``localqueues/pendingworkloads`` in that group. Empty, or when the API answers
+        with an error: the position is estimated from the namespace's Workloads
+        (needs ``list`` on ``workloads.kueue.x-k8s.io``).
+        """,
+    )
+    queue_position_interval = Float(
+        5.0,
+        config=True,
+        help="Seconds between queue-position checks (one API call each) while a session "
+        "waits for Kueue admission. 0: do not show the position.",
+    )
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._position_source = ""
         self._configured = {name: self._as_list(getattr(self, name)) for name in _MERGED_TRAITS}
         self._configured["node_affinity_required"] = self._as_list(self.node_affinity_required)
         self._pod_metadata: tuple[dict, dict] = ({}, {})
@@ -485,17 +583,76 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
                 ) from None
             raise
 
+    # -- queue position -----------------------------------------------------------
+
+    async def _api_get(self, path: str) -> dict:
+        """GET ``path`` (JSON) with KubeSpawner's API client; ValueError on an HTTP error."""
+        resp = await self.api.api_client.call_api(
+            path,
+            "GET",
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+        )
+        try:
+            data = await resp.read()
+        finally:
+            resp.release()
+        if resp.status >= 400:
+            raise ValueError(f"GET {path}: HTTP {resp.status}: {data[:200]!r}")
+        return json.loads(data)
+
+    async def kueue_position(self, pod: dict) -> int | None:
+        """The 0-based place of ``pod`` in its LocalQueue, or None when unknown.
+
+        Kueue's visibility API first; where it is not served (or refuses), the
+        estimate from the namespace's Workloads. Never raises: the position is a
+        courtesy, and the spawn goes on without it."""
+        ns = (pod.get("metadata") or {}).get("namespace") or self.namespace
+        queue = ((pod.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+        if not queue:
+            return None
+        if self.kueue_visibility_version and self._position_source != "workloads":
+            try:
+                pending = await self._api_get(
+                    f"/apis/visibility.kueue.x-k8s.io/{self.kueue_visibility_version}"
+                    f"/namespaces/{quote(ns)}/localqueues/{quote(queue)}/pendingworkloads"
+                )
+                self._position_source = "visibility"
+                return position_from_visibility(pending, pod)
+            except Exception as e:
+                self.log.info("Kueue visibility API not usable (%s); estimating from Workloads", e)
+                self._position_source = "workloads"
+        try:
+            workloads = await self._api_get(
+                f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{quote(ns)}/workloads"
+            )
+        except Exception as e:
+            self.log.info("Cannot list Kueue Workloads for the queue position: %s", e)
+            return None
+        return position_from_workloads(workloads.get("items") or [], pod)
+
     async def progress(self):
         """KubeSpawner's pod events, plus why the pod waits while it is pending."""
         if self.events_enabled:
             await self._start_watching_events()
         start_future = self._start_future
         seen, last, percent = 0, None, 0.0
+        position, asked = None, float("-inf")
         while True:
             if start_future is None:
                 start_future = self._start_future
             finished = start_future is not None and start_future.done()
-            message = pending_message(self.current_pod())
+            pod = self.current_pod()
+            if not kueue_gated(pod):
+                position = None
+            elif (
+                self.queue_position_interval > 0
+                and time.monotonic() - asked >= self.queue_position_interval
+            ):
+                asked = time.monotonic()
+                position = await self.kueue_position(pod)
+            message = pending_message(pod, position)
             if message and message != last:
                 percent += (90 - percent) / 3
                 yield {"progress": int(percent), "message": message}
