@@ -81,6 +81,12 @@ class AccountingApp(Application):
         config=True,
         help="If set, /metrics requires 'Authorization: Bearer <token>' (Prometheus bearer_token).",
     )
+    catalogue_path = Unicode(
+        "",
+        config=True,
+        help="""The profile catalogue (catalogue.yaml): accelerator kinds and MIG
+        fractions for the Kubernetes collector, flavor names for quotas.""",
+    )
     budget_limits_cpu = Bool(
         False, config=True, help="Also refuse CPU-only sessions of a group over its GPU budget."
     )
@@ -101,6 +107,13 @@ class AccountingApp(Application):
         super().initialize(argv)
         if self.subapp is None and self.config_file:
             self.load_config_file(self.config_file)
+
+    def catalogue(self):
+        if not self.catalogue_path:
+            return None
+        from labfleet_spawner.catalogue import load_catalogue
+
+        return load_catalogue(self.catalogue_path)
 
     def weights(self) -> Weights:
         return Weights(self.mig_weighting, dict(self.gpu_weights))
@@ -169,6 +182,9 @@ class ServeApp(AccountingApp):
             await config.load_kube_config()
         async with client.ApiClient() as api:
             collector = KubeCollector(KubePodSource(client.CoreV1Api(api)), ledger, parent=self)
+            catalogue = self.catalogue()
+            if catalogue is not None:
+                collector.accelerators = dict(catalogue.accelerators)
             await collector.run(stop)
 
 

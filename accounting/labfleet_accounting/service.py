@@ -251,6 +251,18 @@ class MetricsHandler(web.RequestHandler):
         self.finish(data)
 
 
+class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """The hub's OAuth callback, with the application's HubOAuth.
+
+    Without this the handler uses ``HubOAuth.instance()``, a different object
+    from the one that started the login and holds its PKCE code verifier:
+    the hub then refuses the code ("Code verifier required").
+    """
+
+    def initialize(self, hub_auth: HubOAuth):
+        self.hub_auth = hub_auth
+
+
 def make_app(
     context: Context,
     hub_auth: HubOAuth,
@@ -270,7 +282,7 @@ def make_app(
             MetricsHandler,
             {"context": context, "token": metrics_token},
         ),
-        (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
+        (url_path_join(prefix, "oauth_callback"), OAuthCallbackHandler, {"hub_auth": hub_auth}),
         (prefix.rstrip("/") + "/?", PageHandler, args),
     ]
     return web.Application(

@@ -28,6 +28,7 @@ from typing import Any
 
 import jsonschema
 import yaml
+from labfleet_accounting.spool import SpoolHook
 from labfleet_spawner.catalogue import CatalogueError, load_catalogue
 
 from .tokens import CUSTOM_SCOPES, IAM_TOKEN_SCOPE
@@ -63,12 +64,23 @@ DEFAULTS: dict[str, Any] = {
     },
     "devidp": {"enabled": False, "port": 8900, "accounts": "accounts.yaml"},
     "proxy": {"api_port": 8001, "command": []},
+    "accounting": {
+        "enabled": False,
+        "port": 0,
+        "db_url": "",
+        "spool": "",
+        "admin_group_pattern": "{group}-admins",
+        "group_admins": {},
+        "mig_weighting": "fraction",
+        "log_level": "INFO",
+    },
 }
 _PATH_FIELDS = [
     ("hub", "state_dir"),
     ("spawner", "storage_root"),
     ("devidp", "accounts"),
     ("iam", "client_secret_file"),
+    ("accounting", "spool"),
 ]
 
 
@@ -113,6 +125,11 @@ def parse_values(data: Any, source: str, base_dir: Path) -> dict:
     hub["public_url"] = hub["public_url"].rstrip("/")
     if not hub["db_url"]:
         hub["db_url"] = f"sqlite:///{Path(hub['state_dir']) / 'jupyterhub.sqlite'}"
+    accounting = values["accounting"]
+    if not accounting["db_url"]:
+        accounting["db_url"] = f"sqlite:///{Path(hub['state_dir']) / 'accounting.sqlite'}"
+    if not accounting["spool"]:
+        accounting["spool"] = str(Path(hub["state_dir"]) / "accounting.spool")
     values["source"] = source
     return values
 
@@ -131,11 +148,22 @@ def load_values(path: str | os.PathLike) -> dict:
         load_catalogue(values["catalogue"])
     except CatalogueError as e:
         raise ConfigError(str(e)) from None
+    if values["accounting"]["enabled"] and not values["accounting"]["port"]:
+        # port 0: a free loopback port, chosen once when the hub loads its configuration
+        values["accounting"]["port"] = _free_loopback_port()
     if values["devidp"]["enabled"] and not Path(values["devidp"]["accounts"]).is_file():
         raise ConfigError(
             f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}"
         )
     return values
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- secrets -------------------------------------------------------------------
@@ -272,3 +300,66 @@ def apply_config(values: dict, c) -> None:
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy['api_port']}"
     if proxy["command"]:
         c.ConfigurableHTTPProxy.command = list(proxy["command"])
+
+    if values.get("accounting", {}).get("enabled"):
+        apply_accounting(values, c)
+
+
+ACCOUNTING_SERVICE = "accounting"
+
+
+def accounting_command(values: dict) -> list[str]:
+    """The command line of the hub-managed accounting service (see docs/accounting.md)."""
+    acc = values["accounting"]
+    command = [
+        sys.executable,
+        "-m",
+        "labfleet_accounting.app",
+        "serve",
+        f"--AccountingApp.db_url={acc['db_url']}",
+        f"--AccountingApp.admin_group_pattern={acc['admin_group_pattern']}",
+        f"--AccountingApp.mig_weighting={acc['mig_weighting']}",
+        f"--AccountingApp.log_level={acc['log_level']}",
+        # the quota page's ClusterQueue names follow the batch layout
+        f"--AccountingApp.catalogue_path={values['catalogue']}",
+    ]
+    if acc["group_admins"]:
+        command.append(f"--AccountingApp.group_admins={json.dumps(acc['group_admins'])}")
+    if values["spawner"]["kind"] == "local":
+        command.append(f"--AccountingApp.spool_path={acc['spool']}")
+    else:
+        command.append("--AccountingApp.kubernetes=True")
+    return command
+
+
+def apply_accounting(values: dict, c) -> None:
+    """The accounting service as a hub-managed service, and the local spawner's hook.
+
+    Users reach its page at ``/services/accounting/`` (listed in the hub's
+    Services menu); its OAuth "identify" token tells it each caller's name,
+    admin flag and groups, which is all its authorization needs, so the
+    service gets no hub API scopes of its own.
+    """
+    acc = values["accounting"]
+    url = f"http://127.0.0.1:{acc['port']}"
+    # append, not assign: other services configured elsewhere stay
+    c.JupyterHub.services.append(
+        {
+            "name": ACCOUNTING_SERVICE,
+            "url": url,
+            "command": accounting_command(values),
+            "cwd": values["hub"]["state_dir"],
+            "oauth_no_confirm": True,
+            "display": True,
+        }
+    )
+    roles = [dict(r) for r in (c.JupyterHub.load_roles if "load_roles" in c.JupyterHub else [])]
+    user_role = next((r for r in roles if r["name"] == "user"), None)
+    if user_role is None:
+        user_role = {"name": "user", "scopes": ["self"]}
+        roles.append(user_role)
+    access = f"access:services!service={ACCOUNTING_SERVICE}"
+    user_role["scopes"] = [*user_role["scopes"], access]
+    c.JupyterHub.load_roles = roles
+    if values["spawner"]["kind"] == "local":
+        c.LocalGPUSpawner.accounting_hook = SpoolHook(path=acc["spool"])

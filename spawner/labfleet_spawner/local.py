@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 from jupyterhub.spawner import LocalProcessSpawner
+from labfleet_accounting.spool import STATE_START as STATE_ACCOUNTING_START
+from labfleet_accounting.spool import SpoolHook
 from tornado import web
 from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode
 
@@ -215,6 +217,17 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         help="Variable names exempt from env_secret_pattern: the server's own hub API token.",
     )
 
+    accounting_hook = Instance(
+        SpoolHook,
+        allow_none=True,
+        config=True,
+        help="""Record server starts and stops for accounting (None: not recorded).
+
+        A ``labfleet_accounting.spool.SpoolHook``: it appends to a spool file that
+        the accounting service ingests, and never raises into the hub.
+        """,
+    )
+
     devices = List(help="Devices held by this server (GPU, MIG or FPGA); not configuration.")
 
     storage = Instance(StorageLayout, allow_none=True, help="This server's storage layout.")
@@ -262,10 +275,14 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         state = super().get_state()
         if self.devices:
             state[STATE_DEVICES] = [d.uuid for d in self.devices]
+        # Kept across hub restarts so that the stop closes the interval the start opened.
+        if getattr(self, STATE_ACCOUNTING_START, None) is not None:
+            state[STATE_ACCOUNTING_START] = getattr(self, STATE_ACCOUNTING_START)
         return state
 
     def load_state(self, state):
         super().load_state(state)
+        setattr(self, STATE_ACCOUNTING_START, state.get(STATE_ACCOUNTING_START))
         uuids = state.get(STATE_DEVICES) or []
         if uuids:
             restored, problems = self.allocator.restore(self.device_owner, uuids)
@@ -275,6 +292,8 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
 
     def clear_state(self):
         super().clear_state()
+        # A server found dead (hub restart, crash) is cleared without stop(): record it here.
+        self._record_stop()
         # Called before each new start, when the process is found dead and after
         # every stop: the devices go back and the next start decides afresh.
         self._release_devices()
@@ -462,14 +481,22 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
             )
         try:
             await self._prepare()
-            return await super().start()
+            result = await super().start()
         except BaseException:
             # Nothing may stay held by a server that did not start.
             self._release_devices()
             raise
+        if self.accounting_hook is not None:
+            self.accounting_hook.started(self)
+        return result
+
+    def _record_stop(self) -> None:
+        if self.accounting_hook is not None and getattr(self, STATE_ACCOUNTING_START, None):
+            self.accounting_hook.stopped(self)  # clears the recorded start
 
     async def stop(self, now=False):
         try:
             await super().stop(now=now)
         finally:
+            self._record_stop()
             self._release_devices()
