@@ -97,6 +97,10 @@ class AccountingApp(Application):
             "Migrate the database to the latest schema.",
         ),
         "serve": ("labfleet_accounting.app.ServeApp", "Run the service and its collectors."),
+        "gpu-exporter": (
+            "labfleet_accounting.app.GpuExporterApp",
+            "Export NVML GPU/MIG metrics attributed to their holders (Prometheus).",
+        ),
     }
     aliases = {"db-url": "AccountingApp.db_url", "spool": "AccountingApp.spool_path",
                "port": "AccountingApp.port", "config": "AccountingApp.config_file"}  # fmt: skip
@@ -186,6 +190,68 @@ class ServeApp(AccountingApp):
             if catalogue is not None:
                 collector.accelerators = dict(catalogue.accelerators)
             await collector.run(stop)
+
+
+class GpuExporterApp(AccountingApp):
+    """``labfleet-accounting gpu-exporter``: NVML metrics per GPU/MIG instance, with owners.
+
+    Single node: ``--GpuExporterApp.hub_db_url=sqlite:///.labfleet/jupyterhub.sqlite``
+    (and ``--db-url`` for the groups). DaemonSet: ``pod_resources_json``, a file a
+    sidecar refreshes from the kubelet's pod-resources socket (see gpu_exporter).
+    """
+
+    subcommands = {}
+    exporter_ip = Unicode("127.0.0.1", config=True, help="Address the exporter listens on.")
+    exporter_port = Integer(9835, config=True, help="Port of the exporter's /metrics.")
+    hub_db_url = Unicode(
+        "",
+        config=True,
+        help="Single node: the hub database, whose spawner states name the devices held.",
+    )
+    pod_resources_json = Unicode(
+        "",
+        config=True,
+        help="""Kubernetes: a JSON file holding the kubelet's ListPodResourcesResponse
+        (and optionally "pods": the node's pods), refreshed by a sidecar.""",
+    )
+
+    def owners(self):
+        from .gpu_exporter import HubStateOwners, pod_resources_owners
+
+        if self.hub_db_url:
+            ledger = db.make_engine(self.db_url) if self.db_url else None
+            return HubStateOwners(db.make_engine(self.hub_db_url), ledger)
+        if self.pod_resources_json:
+            import json
+            from pathlib import Path
+
+            def from_file():
+                data = json.loads(Path(self.pod_resources_json).read_text())
+                return pod_resources_owners(data, data.get("pods") or [])
+
+            return from_file
+        return None
+
+    def start(self):
+        from prometheus_client import start_http_server
+
+        from .gpu_exporter import GpuCollector, GpuSampler
+
+        registry = CollectorRegistry()
+        registry.register(GpuCollector(GpuSampler(), self.owners()))
+        server, thread = start_http_server(self.exporter_port, self.exporter_ip, registry)
+        self.log.info("GPU exporter on http://%s:%d/metrics", self.exporter_ip, self.exporter_port)
+        stopped = asyncio.Event()
+
+        async def wait():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stopped.set)
+            await stopped.wait()
+
+        asyncio.run(wait())
+        server.shutdown()
+        thread.join(5)
 
 
 def _service_port() -> int | None:
