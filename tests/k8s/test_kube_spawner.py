@@ -74,10 +74,10 @@ def make_user(groups=("users", "ml", "fpga")):
 def make_spawner(namespace, user=None, **kwargs):
     kwargs.setdefault("start_timeout", 60)
     kwargs.setdefault("shared_volume", SHARED)
+    kwargs.setdefault("catalogue_data", CATALOGUE)
     return PlatformKubeSpawner(
         user=user or make_user(),
         hub=Hub(),
-        catalogue_data=CATALOGUE,
         api_token="test-token",
         oauth_client_id="jupyterhub-user-test",
         namespace=namespace,
