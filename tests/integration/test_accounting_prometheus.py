@@ -1,0 +1,203 @@
+"""A real Prometheus (Debian's /usr/bin/prometheus) scrapes the accounting service and exporter.
+
+The accounting service runs as the real ``labfleet-accounting serve``
+process on a seeded SQLite ledger, with a metrics bearer token; the GPU
+exporter runs as ``labfleet-accounting gpu-exporter`` (on a machine without
+an NVIDIA driver it exports its error counter only). Prometheus scrapes both
+every second; the test reads the values back through Prometheus's HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from labfleet_accounting import db
+from labfleet_accounting.ledger import Ledger
+from labfleet_accounting.records import Usage
+
+from tests.conftest import free_port
+
+PROMETHEUS = "/usr/bin/prometheus"
+TOKEN = "scrape-token-for-tests"
+PREFIX = "/services/accounting/"
+
+
+def get(url: str, timeout=5) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)
+
+
+def wait_until(what, fn, timeout=60.0, interval=0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def spawn(args, log: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        args,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def seed(url: str, now: int) -> None:
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    ledger = Ledger(engine)
+    # ml holds two T4s now (an hour so far); cms ran 8 cores for an hour, ended an hour ago
+    ledger.start(
+        Usage("k8s", "p1", now - 3600, "alice", "ml", "interactive", "gpu-t4", "t4", "gpu", 2,
+              cpu=4.0, memory=16 * 2**30)
+    )  # fmt: skip
+    ledger.stop(Usage("k8s", "p2", now - 7200, "bob", "cms", "batch", cpu=8.0), now - 3600)
+    engine.dispose()
+
+
+def query(prom: str, promql: str) -> list[dict]:
+    status, body = get(f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    if status != 200:
+        return []
+    return json.loads(body)["data"]["result"]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    if not Path(PROMETHEUS).exists():
+        pytest.fail(f"{PROMETHEUS} is missing: run `make test` (it installs Debian prometheus)")
+    now = int(time.time())
+    db_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    seed(db_url, now)
+    service_port, exporter_port, prom_port = free_port(), free_port(), free_port()
+    processes = []
+    service = spawn(
+        [sys.executable, "-m", "labfleet_accounting.app", "serve", f"--db-url={db_url}",
+         f"--port={service_port}", f"--AccountingApp.metrics_token={TOKEN}"],
+        tmp_path / "service.log",
+        # what the hub gives a managed service; the hub itself is not needed for /metrics
+        env={"JUPYTERHUB_API_TOKEN": "unused", "JUPYTERHUB_SERVICE_PREFIX": PREFIX,
+             "JUPYTERHUB_API_URL": f"http://127.0.0.1:{free_port()}/hub/api"},
+    )  # fmt: skip
+    processes.append(service)
+    exporter = spawn(
+        [sys.executable, "-m", "labfleet_accounting.app", "gpu-exporter",
+         f"--GpuExporterApp.exporter_port={exporter_port}"],
+        tmp_path / "exporter.log",
+    )  # fmt: skip
+    processes.append(exporter)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "accounting",
+                "metrics_path": f"{PREFIX}metrics",
+                "authorization": {"credentials": TOKEN},
+                "static_configs": [{"targets": [f"127.0.0.1:{service_port}"]}],
+            },
+            {
+                # the same endpoint without the token must be refused (up == 0)
+                "job_name": "accounting-no-token",
+                "metrics_path": f"{PREFIX}metrics",
+                "static_configs": [{"targets": [f"127.0.0.1:{service_port}"]}],
+            },
+            {
+                "job_name": "gpu",
+                "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
+            },
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus = spawn(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        tmp_path / "prometheus.log",
+    )  # fmt: skip
+    processes.append(prometheus)
+    try:
+        yield f"http://127.0.0.1:{prom_port}", now, tmp_path
+    finally:
+        for process in reversed(processes):
+            stop(process)
+    for process in processes:
+        assert process.poll() is not None
+        # nothing left behind in the process groups either
+        with pytest.raises(ProcessLookupError):
+            os.killpg(process.pid, 0)
+
+
+def test_prometheus_scrapes_accounting_and_gpu_metrics(stack):
+    prom, now, tmp = stack
+    wait_until("Prometheus ready", lambda: get(f"{prom}/-/ready")[0] == 200, timeout=60)
+
+    def up():
+        return {r["metric"]["job"]: r["value"][1] for r in query(prom, "up")}
+
+    def scraped():
+        jobs = up()
+        return jobs if jobs.get("accounting") == "1" and jobs.get("gpu") == "1" else None
+
+    jobs = wait_until("scrapes with the token succeed", scraped, timeout=60)
+    assert jobs["accounting-no-token"] == "0", (tmp / "service.log").read_text()[-2000:]
+
+    [devices] = wait_until(
+        "allocated accelerators", lambda: query(prom, "labfleet_allocated_accelerators")
+    )
+    labels = devices["metric"]
+    assert (labels["group"], labels["kind"], labels["accelerator"]) == ("ml", "interactive", "t4")
+    assert labels["accelerator_kind"] == "gpu" and labels["job"] == "accounting"
+    assert float(devices["value"][1]) == 2
+
+    gpus = query(prom, "labfleet_allocated_gpu_equivalents")
+    assert [(r["metric"]["group"], float(r["value"][1])) for r in gpus] == [("ml", 2.0)]
+    running = {r["metric"]["group"]: float(r["value"][1]) for r in query(
+        prom, "labfleet_running_sessions")}  # fmt: skip
+    assert running == {"ml": 1.0, "cms": 0.0}
+    # cms: 8 cores for exactly one hour, closed
+    [cms] = query(prom, 'labfleet_cpu_core_seconds_total{group="cms"}')
+    assert float(cms["value"][1]) == 8 * 3600
+    # ml: 2 GPUs for (at least) the hour so far
+    [gpu_s] = query(prom, 'labfleet_gpu_equivalent_seconds_total{group="ml"}')
+    assert 2 * 3600 <= float(gpu_s["value"][1]) <= 2 * (int(time.time()) - now + 3600 + 60)
+    # PromQL over them works: GPU-hours per group
+    [hours] = query(prom, "sum by (group) (labfleet_gpu_equivalent_seconds_total) / 3600")
+    assert hours["metric"] == {"group": "ml"} and float(hours["value"][1]) >= 2
+
+    # the exporter's own counter arrives; device series exist only where NVML answers
+    [errors] = wait_until(
+        "exporter errors counter", lambda: query(prom, "labfleet_gpu_exporter_errors_total")
+    )
+    assert errors["metric"]["job"] == "gpu"
