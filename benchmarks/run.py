@@ -2,7 +2,7 @@
 
 import sys
 
-from benchmarks import accounting, availability, batch, login_latency
+from benchmarks import accounting, availability, batch, kube_spawn, login_latency
 
 
 def main() -> int:
@@ -14,6 +14,8 @@ def main() -> int:
     availability.main([])
     print("==> batch: 1,000 Jobs through the batch service vs direct creation", flush=True)
     batch.main([])
+    print("==> Kubernetes spawn: PlatformKubeSpawner vs stock KubeSpawner", flush=True)
+    kube_spawn.main([])
     return 0
 
 
