@@ -87,6 +87,12 @@ class AccountingApp(Application):
         help="""The profile catalogue (catalogue.yaml): accelerator kinds and MIG
         fractions for the Kubernetes collector, flavor names for quotas.""",
     )
+    queue_name_prefix = Unicode(
+        "labfleet-",
+        config=True,
+        help="""Prefix of the groups' Kueue ClusterQueues (<prefix><group>), as in the
+        batch queue configuration's name_prefix (labfleet_batch.queues).""",
+    )
     budget_limits_cpu = Bool(
         False, config=True, help="Also refuse CPU-only sessions of a group over its GPU budget."
     )
@@ -152,9 +158,19 @@ class ServeApp(AccountingApp):
         weights = self.weights()
         registry = CollectorRegistry()
         registry.register(LedgerMetrics(engine, weights))
+        api = await self._kube_client() if self.kubernetes else None
+        quotas = None
+        if api is not None:
+            from labfleet_batch.kube import KubeAPI
+            from labfleet_batch.queues import QueueConfig
+
+            from .quotas import QuotaManager
+
+            names = QueueConfig(groups={}, name_prefix=self.queue_name_prefix)
+            quotas = QuotaManager(KubeAPI(api), engine, names.cluster_queue)
         context = Context(
             engine, weights, self.admin_group_pattern, dict(self.group_admins),
-            BudgetChecker(engine, weights, self.budget_limits_cpu), registry,
+            BudgetChecker(engine, weights, self.budget_limits_cpu), registry, quotas=quotas,
         )  # fmt: skip
         hub_auth = HubOAuth(parent=self)
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
@@ -169,27 +185,34 @@ class ServeApp(AccountingApp):
         tasks = []
         if self.spool_path:
             tasks.append(SpoolCollector(ledger, path=self.spool_path, parent=self).run(stop))
-        if self.kubernetes:
-            tasks.append(self._kube(ledger, stop))
+        if api is not None:
+            tasks.append(self._kube(api, ledger, stop))
         await asyncio.gather(stop.wait(), *tasks)
         server.stop()
+        if api is not None:
+            await api.close()
         engine.dispose()
 
-    async def _kube(self, ledger, stop):
+    async def _kube_client(self):
         from kubernetes_asyncio import client, config
-
-        from .kube import KubeCollector, KubePodSource
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
             await config.load_kube_config()
-        async with client.ApiClient() as api:
-            collector = KubeCollector(KubePodSource(client.CoreV1Api(api)), ledger, parent=self)
-            catalogue = self.catalogue()
-            if catalogue is not None:
-                collector.accelerators = dict(catalogue.accelerators)
-            await collector.run(stop)
+        return client.ApiClient()
+
+    async def _kube(self, api, ledger, stop):
+        from kubernetes_asyncio import client
+
+        from .kube import KubeCollector, KubePodSource
+
+        # the client is serve()'s: shared with the quota manager, closed there
+        collector = KubeCollector(KubePodSource(client.CoreV1Api(api)), ledger, parent=self)
+        catalogue = self.catalogue()
+        if catalogue is not None:
+            collector.accelerators = dict(catalogue.accelerators)
+        await collector.run(stop)
 
 
 class GpuExporterApp(AccountingApp):

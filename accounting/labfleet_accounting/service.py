@@ -13,6 +13,9 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 - ``PUT  api/budgets/<group>`` (platform admins) ``{"gpu_hours", "period", ...}``
 - ``GET  /`` a page with the caller's usage and a chart (inline SVG, no scripts)
 - ``GET  metrics`` Prometheus text (see :mod:`labfleet_accounting.metrics`)
+- ``GET|PUT api/quotas/<group>`` (group and platform admins), ``GET|PUT
+  api/quota-caps/<group>`` (PUT: platform admins), ``GET api/audit?group=``,
+  ``GET|POST quotas?group=`` the quota page (see :mod:`labfleet_accounting.quotas`)
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ class Context:
     """What every handler needs, built once by the application."""
 
     def __init__(self, engine, weights: Weights, admin_group_pattern: str, group_admins: dict,
-                 budgets: BudgetChecker, registry: CollectorRegistry, clock=time.time):  # fmt: skip
+                 budgets: BudgetChecker, registry: CollectorRegistry, clock=time.time,
+                 quotas=None):  # fmt: skip
         self.engine = engine
+        self.quotas = quotas  # a QuotaManager; None without Kubernetes
         self.weights = weights
         self.admin_group_pattern = admin_group_pattern
         self.group_admins = group_admins
@@ -271,12 +276,19 @@ def make_app(
     cookie_secret=b"",
 ):
     """The tornado application; ``prefix`` is the service prefix (JUPYTERHUB_SERVICE_PREFIX)."""
+    # here, not at the top: those handlers subclass BaseHandler from this module
+    from .quota_handlers import AuditHandler, QuotaCapsHandler, QuotaHandler, QuotaPageHandler
+
     args = {"context": context, "hub_auth": hub_auth}
     routes = [
         (url_path_join(prefix, "api/usage"), UsageHandler, args),
         (url_path_join(prefix, "api/usage/series"), SeriesHandler, args),
         (url_path_join(prefix, "api/budget/check"), BudgetCheckHandler, args),
         (url_path_join(prefix, r"api/budgets/([^/]+)"), BudgetHandler, args),
+        (url_path_join(prefix, r"api/quotas/([^/]+)"), QuotaHandler, args),
+        (url_path_join(prefix, r"api/quota-caps/([^/]+)"), QuotaCapsHandler, args),
+        (url_path_join(prefix, "api/audit"), AuditHandler, args),
+        (url_path_join(prefix, "quotas"), QuotaPageHandler, args),
         (
             url_path_join(prefix, "metrics"),
             MetricsHandler,
