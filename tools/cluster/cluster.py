@@ -30,7 +30,6 @@ Only the standard library and PyYAML are needed (plus ``openssl`` on PATH).
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import importlib.util
 import ipaddress
@@ -38,7 +37,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -70,7 +68,20 @@ def _load_sibling(name: str):
     return mod
 
 
+procs_lib = _load_sibling("procs")
+# re-exported: the tests and the fixture use these through this module
+ClusterError = procs_lib.ClusterError
+COMPONENT_ORDER = procs_lib.COMPONENT_ORDER
+_Procs = procs_lib._Procs
+_wait = procs_lib._wait
+_proc_alive = procs_lib._proc_alive
+_group_members = procs_lib._group_members
+stop_cluster = procs_lib.stop_cluster
+cluster_pids = procs_lib.cluster_pids
+tail = procs_lib.tail
 kueue_parts = _load_sibling("kueue_parts")
+pki_lib = _load_sibling("pki")
+write_kubeconfig = pki_lib.write_kubeconfig
 kueue_webhook_manifests = kueue_parts.kueue_webhook_manifests
 
 #: Pod IPs handed out by kwok (must stay inside 127.0.0.0/8).
@@ -82,20 +93,8 @@ KWOK_NODE_IP = "127.0.9.1"
 #: Nodes with this annotation are managed by kwok.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 
-COMPONENT_ORDER = [
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kwok",
-    "kueue",
-]
 
 Progress = Callable[[str], None]
-
-
-class ClusterError(RuntimeError):
-    """Raised when the cluster cannot be started or stopped cleanly."""
 
 
 class BinariesMissing(ClusterError):
@@ -211,207 +210,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def _proc_starttime(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # field 22 (starttime); the command name (field 2) may contain spaces
-    rest = stat.rsplit(")", 1)[1].split()
-    return rest[19]
-
-
-def _proc_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live processes whose process group is pgid."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):
-            continue
-        if int(fields[2]) == pgid:
-            out.append(int(entry))
-    return out
-
-
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-# --------------------------------------------------------------------------
-# certificates and kubeconfig
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    if shutil.which("openssl") is None:
-        raise ClusterError("'openssl' not found on PATH (needed to create test certificates)")
-    _run(["openssl", *args], cwd=cwd)
-
-
-def make_pki(pki: Path) -> None:
-    """CA, a serving/client certificate for 127.0.0.1 and a service-account key."""
-    pki.mkdir(parents=True, exist_ok=True)
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-sha256",
-        "-days",
-        "30",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=labfleet-test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        cwd=pki,
-    )
-    (pki / "server.ext").write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
-        "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
-        # the name the aggregator verifies for Kueue's visibility APIService
-        "DNS:{}.{}.svc\n".format(*reversed(kueue_parts.VISIBILITY_SERVICE))
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-        cwd=pki,
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "30",
-        "-sha256",
-        "-extfile",
-        "server.ext",
-        cwd=pki,
-    )
-    _make_front_proxy_pki(pki)
-    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-    for f in pki.iterdir():
-        if f.suffix == ".key":
-            f.chmod(0o600)
-
-
-#: Client certificate name the aggregator presents to aggregated API servers.
-FRONT_PROXY_CLIENT = "front-proxy-client"
-
-
-def _make_front_proxy_pki(pki: Path) -> None:
-    """A separate CA and client certificate for API aggregation (request-header auth).
-
-    kube-apiserver proxies requests to aggregated APIs (Kueue's visibility
-    API) with this certificate and X-Remote-User/Group headers; the
-    aggregated server trusts the headers only from a certificate signed by
-    ``front-proxy-ca`` with an allowed name. A separate CA, as kubeadm does,
-    so no ordinary client certificate can assert identities through headers.
-    """
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
-        "-keyout", "front-proxy-ca.key", "-out", "front-proxy-ca.crt",
-        "-subj", "/CN=labfleet-front-proxy-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        cwd=pki,
-    )  # fmt: skip
-    (pki / "front-proxy-client.ext").write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=clientAuth\n"
-    )
-    _openssl(
-        "req", "-newkey", "rsa:2048", "-nodes",
-        "-keyout", "front-proxy-client.key", "-out", "front-proxy-client.csr",
-        "-subj", f"/CN={FRONT_PROXY_CLIENT}",
-        cwd=pki,
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", "front-proxy-client.csr",
-        "-CA", "front-proxy-ca.crt", "-CAkey", "front-proxy-ca.key", "-CAcreateserial",
-        "-out", "front-proxy-client.crt", "-days", "30", "-sha256",
-        "-extfile", "front-proxy-client.ext",
-        cwd=pki,
-    )  # fmt: skip
-
-
-def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "labfleet-test",
-                "cluster": {
-                    "server": server,
-                    "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
-                },
-            }
-        ],
-        "users": [{"name": "labfleet-admin", "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "labfleet-test",
-                "context": {"cluster": "labfleet-test", "user": "labfleet-admin"},
-            }
-        ],
-        "current-context": "labfleet-test",
-    }
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    path.chmod(0o600)
 
 
 # --------------------------------------------------------------------------
@@ -559,167 +357,6 @@ def _http_ok(url: str, timeout: float = 2, insecure: bool = True) -> bool:
 
 
 # --------------------------------------------------------------------------
-# process management
-
-
-class _Procs:
-    """Started processes of one cluster, persisted in <state>/pids.json."""
-
-    def __init__(self, state_dir: Path, die_with_parent: bool):
-        self.state_dir = state_dir
-        self.logs = state_dir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.die_with_parent = die_with_parent
-        self.popen: dict[str, subprocess.Popen] = {}
-        self.record: dict[str, dict] = {}
-
-    def start(
-        self, name: str, cmd: list[str], env: dict[str, str] | None = None
-    ) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        log.write(("$ " + " ".join(cmd) + "\n").encode())
-        log.flush()
-        p = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.state_dir,
-            env=env,
-            start_new_session=True,  # own process group: killpg reaches all children
-            preexec_fn=_set_pdeathsig if self.die_with_parent else None,
-        )
-        log.close()
-        self.popen[name] = p
-        _POPENS[p.pid] = p
-        self.record[name] = {"pid": p.pid, "start": _proc_starttime(p.pid), "cmd": cmd[0]}
-        self.save()
-        return p
-
-    def save(self) -> None:
-        (self.state_dir / "pids.json").write_text(json.dumps(self.record, indent=1))
-
-    def check_alive(self, name: str) -> None:
-        p = self.popen[name]
-        if p.poll() is not None:
-            raise ClusterError(
-                f"{name} exited with status {p.returncode}; last log lines:\n"
-                + tail(self.logs / f"{name}.log")
-            )
-
-
-def tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait(
-    what: str,
-    cond: Callable[[], bool],
-    timeout: float,
-    procs: _Procs | None = None,
-    name: str | None = None,
-    interval: float = 0.25,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if procs is not None and name is not None:
-            procs.check_alive(name)
-        try:
-            if cond():
-                return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            extra = ""
-            if procs is not None and name is not None:
-                extra = f"\nlast log lines of {name}:\n{tail(procs.logs / f'{name}.log')}"
-            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-def stop_cluster(
-    state_dir: Path | str, timeout: float = 15, progress: Progress | None = None
-) -> None:
-    """Stop every process of the cluster in state_dir; raise if any survives."""
-    progress = progress or _print
-    state_dir = Path(state_dir)
-    pid_file = state_dir / "pids.json"
-    if not pid_file.exists():
-        return
-    record: dict[str, dict] = json.loads(pid_file.read_text())
-    groups: list[tuple[str, int]] = []
-    for name in reversed(
-        [n for n in COMPONENT_ORDER if n in record]
-        + [n for n in record if n not in COMPONENT_ORDER]
-    ):
-        pid = record[name]["pid"]
-        # guard against pid reuse: the leader must be the process we started,
-        # or already gone (its group may still have members)
-        start = _proc_starttime(pid)
-        if start is not None and record[name].get("start") not in (None, start):
-            continue
-        groups.append((name, pid))
-    for _name, pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap()
-        if not any(_group_members(pgid) for _, pgid in groups):
-            break
-        time.sleep(0.1)
-    leftovers = {name: _group_members(pgid) for name, pgid in groups}
-    leftovers = {k: v for k, v in leftovers.items() if v}
-    if leftovers:
-        progress(f"killing unresponsive components: {', '.join(leftovers)}")
-        for name, pgid in groups:
-            if name in leftovers:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.5)
-        _reap()
-        leftovers = {name: _group_members(pgid) for name, pgid in groups}
-        leftovers = {k: v for k, v in leftovers.items() if v}
-    pid_file.rename(state_dir / "pids.stopped.json")
-    if leftovers:
-        raise ClusterError(f"processes survived teardown: {leftovers}")
-    progress(f"cluster in {state_dir} stopped")
-
-
-_POPENS: dict[int, subprocess.Popen] = {}
-
-
-def _reap() -> None:
-    """Reap exited component processes started by this Python process."""
-    for pid, p in list(_POPENS.items()):
-        if p.poll() is not None:
-            del _POPENS[pid]
-
-
-def cluster_pids(state_dir: Path | str) -> list[int]:
-    """Live pids belonging to the cluster's process groups (for tests)."""
-    state_dir = Path(state_dir)
-    for fname in ("pids.json", "pids.stopped.json"):
-        f = state_dir / fname
-        if f.exists():
-            record = json.loads(f.read_text())
-            out: list[int] = []
-            for r in record.values():
-                out += _group_members(r["pid"])
-            return out
-    return []
-
-
-# --------------------------------------------------------------------------
 # start
 
 
@@ -768,7 +405,12 @@ def _start(
     t0 = time.monotonic()
     pki = state_dir / "pki"
     progress(f"state dir {state_dir}; generating certificates")
-    make_pki(pki)
+    ns, svc = kueue_parts.VISIBILITY_SERVICE
+    try:
+        # the extra name is what the aggregator verifies for Kueue's visibility API
+        pki_lib.make_pki(pki, extra_dns=(f"{svc}.{ns}.svc",))
+    except pki_lib.PkiError as e:
+        raise ClusterError(str(e)) from None
     token = secrets.token_hex(24)
     (pki / "tokens.csv").write_text(f'{token},labfleet-admin,labfleet-admin,"system:masters"\n')
     (pki / "tokens.csv").chmod(0o600)
@@ -872,7 +514,7 @@ def _start(
             "--requestheader-client-ca-file",
             str(pki / "front-proxy-ca.crt"),
             "--requestheader-allowed-names",
-            FRONT_PROXY_CLIENT,
+            pki_lib.FRONT_PROXY_CLIENT,
             "--requestheader-username-headers",
             "X-Remote-User",
             "--requestheader-group-headers",
