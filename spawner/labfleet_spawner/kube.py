@@ -344,6 +344,7 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._position_source = ""
+        self._queue_position: int | None = None  # last one shown, for a timeout's message
         self._configured = {name: self._as_list(getattr(self, name)) for name in _MERGED_TRAITS}
         self._configured["node_affinity_required"] = self._as_list(self.node_affinity_required)
         self._pod_metadata: tuple[dict, dict] = ({}, {})
@@ -576,7 +577,7 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         try:
             return await inner
         except TimeoutError:
-            message = pending_message(self.current_pod())
+            message = pending_message(self.current_pod(), self._queue_position)
             if message:
                 raise _http_error(
                     503, f"Your server did not start in time. {message}", "Start timeout"
@@ -651,7 +652,7 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
                 and time.monotonic() - asked >= self.queue_position_interval
             ):
                 asked = time.monotonic()
-                position = await self.kueue_position(pod)
+                position = self._queue_position = await self.kueue_position(pod)
             message = pending_message(pod, position)
             if message and message != last:
                 percent += (90 - percent) / 3

@@ -569,6 +569,26 @@ def test_plain_pod_gated_until_admitted_by_kueue(k8s_cluster, k8s_namespace):
     )
 
 
+def test_pod_webhooks_leave_system_namespaces_alone(k8s_cluster):
+    """As Kueue's kustomization does: kube-system pods never wait on Kueue."""
+    if not k8s_cluster.webhooks:
+        pytest.skip("cluster started without Kueue webhooks")
+    c = k8s_cluster
+    hooks = get(c, "mutatingwebhookconfigurations", "labfleet-kueue-mutating")["webhooks"]
+    pod_hook = next(h for h in hooks if h["clientConfig"]["url"].endswith("/mutate--v1-pod"))
+    assert pod_hook["clientConfig"]["url"].startswith("https://127.0.0.1:")
+    expr = pod_hook["namespaceSelector"]["matchExpressions"][0]
+    assert expr["operator"] == "NotIn" and set(expr["values"]) == {"kube-system", "kueue-system"}
+    name = f"sys-{uid()}"
+    c.apply(plain_pod(name, "kube-system", "no-such-queue"))
+    try:
+        pod = get(c, "pod", "-n", "kube-system", name)
+        assert not pod["spec"].get("schedulingGates")
+        assert "kueue.x-k8s.io/managed" not in pod["metadata"]["labels"]
+    finally:
+        c.kubectl("delete", "pod", "-n", "kube-system", name, "--wait=false")
+
+
 def test_visibility_api_pending_positions(k8s_cluster, k8s_namespace):
     if not k8s_cluster.visibility:
         pytest.skip("cluster started without Kueue's visibility API")

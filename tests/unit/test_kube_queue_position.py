@@ -254,3 +254,29 @@ async def test_position_errors_never_break_progress_and_can_be_turned_off():
     off.api = SimpleNamespace(api_client=ScriptedClient({}))
     messages = await follow_progress(off, gated_pod(), lambda m: m)
     assert "Kueue" in messages[0] and off.api.api_client.calls == []
+
+
+async def test_start_timeout_while_queued_names_the_last_position(monkeypatch):
+    from kubespawner import KubeSpawner
+    from tornado import web
+
+    spawner = make_spawner(unschedulable_grace_period=0, progress_interval=0.01)
+    pod = gated_pod()
+    pod["metadata"]["name"] = spawner.pod_name
+    key = f"{spawner.namespace}/{spawner.pod_name}"
+    PlatformKubeSpawner.reflectors[("pods", spawner.namespace)] = FakeReflector({key: pod})
+    spawner._queue_position = 1  # what progress last showed
+
+    async def times_out(self):
+        raise TimeoutError
+
+    monkeypatch.setattr(KubeSpawner, "_start", times_out)
+    try:
+        with pytest.raises(web.HTTPError) as err:
+            await spawner._start()
+    finally:
+        PlatformKubeSpawner.reflectors.clear()
+    assert err.value.status_code == 503
+    message = err.value.jupyterhub_message
+    assert message.startswith("Your server did not start in time.")
+    assert "position 2 in line (1 session or job ahead of you)" in message
