@@ -167,7 +167,10 @@ def platform(tmp_path_factory):
     shutil.rmtree(values["spawner"]["storage_root"], ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an asyncio loop
+# running in the main thread while it is open, and every async test collected
+# after it would then fail with "cannot be called from a running event loop".
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make test` (it installs Debian chromium)")
