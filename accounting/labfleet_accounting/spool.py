@@ -38,37 +38,19 @@ SOURCE = "local"
 STATE_START = "labfleet_accounting_start"
 
 
-def charged_group(user_groups, profile_groups=(), accelerator_groups=()) -> str:
-    """The group a local server is accounted to.
-
-    The first (sorted) of the user's groups that the accelerator, else the
-    profile, is restricted to: that is the group granting the hardware.
-    Otherwise the user's first group; "" for a user without groups.
-    """
-    user_groups = sorted(user_groups)
-    for restricted in (accelerator_groups, profile_groups):
-        granted = [g for g in user_groups if g in set(restricted)]
-        if granted:
-            return granted[0]
-    return user_groups[0] if user_groups else ""
-
-
 def spawner_usage(spawner, start: int) -> Usage:
     """The :class:`Usage` of a local spawner's server (duck-typed: LocalGPUSpawner)."""
     selection = getattr(spawner, "selection", None)
     accelerator = getattr(selection, "accelerator", None) if selection else None
     profile = getattr(selection, "profile", None) if selection else None
-    groups = [g.name for g in getattr(spawner.user, "groups", []) or []]
     return Usage(
         source=SOURCE,
         uid=f"{spawner.user.name}/{spawner.name or ''}",
         start=int(start),
         user=spawner.user.name,
-        group=charged_group(
-            groups,
-            getattr(profile, "groups", ()) or (),
-            getattr(accelerator, "groups", ()) or (),
-        ),
+        # the spawner's own rule (labfleet_spawner.objects.accounting_group), so a
+        # session is charged to the same group locally, on Kubernetes and in budgets
+        group=spawner.charged_group() if hasattr(spawner, "charged_group") else "",
         kind=KIND_INTERACTIVE,
         profile=getattr(profile, "name", "") or "",
         accelerator=getattr(accelerator, "name", "") or "",

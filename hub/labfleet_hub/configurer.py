@@ -74,6 +74,15 @@ DEFAULTS: dict[str, Any] = {
         "mig_weighting": "fraction",
         "log_level": "INFO",
     },
+    "batch": {
+        "enabled": False,
+        "port": 0,
+        "queues": {},
+        "limits": {},
+        "hub_admins_see_all": True,
+        "budgets": {"enabled": False, "limit_cpu": False},
+        "log_level": "INFO",
+    },
 }
 _PATH_FIELDS = [
     ("hub", "state_dir"),
@@ -151,11 +160,33 @@ def load_values(path: str | os.PathLike) -> dict:
     if values["accounting"]["enabled"] and not values["accounting"]["port"]:
         # port 0: a free loopback port, chosen once when the hub loads its configuration
         values["accounting"]["port"] = _free_loopback_port()
+    if values["batch"]["enabled"]:
+        _check_batch(values, path)
+        if not values["batch"]["port"]:
+            values["batch"]["port"] = _free_loopback_port()
     if values["devidp"]["enabled"] and not Path(values["devidp"]["accounts"]).is_file():
         raise ConfigError(
             f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}"
         )
     return values
+
+
+def _check_batch(values: dict, path: Path) -> None:
+    """The queue layout against the catalogue, so a typo fails here, not in the service."""
+    from labfleet_batch.queues import QueueConfigError, parse_queue_config
+
+    batch = values["batch"]
+    try:
+        parse_queue_config(
+            batch["queues"], load_catalogue(values["catalogue"]), source=f"{path}: batch.queues"
+        )
+    except QueueConfigError as e:
+        raise ConfigError(str(e)) from None
+    if batch["budgets"]["enabled"] and not values["accounting"]["enabled"]:
+        raise ConfigError(
+            f"{path}: field batch.budgets.enabled: budgets are read from the accounting "
+            "database; enable accounting too"
+        )
 
 
 def _free_loopback_port() -> int:
@@ -363,3 +394,5 @@ def apply_accounting(values: dict, c) -> None:
     c.JupyterHub.load_roles = roles
     if values["spawner"]["kind"] == "local":
         c.LocalGPUSpawner.accounting_hook = SpoolHook(path=acc["spool"])
+    # GPU sessions are checked against the charged group's GPU-hour budget
+    getattr(c, spawner_class_name(values)).budget_db_url = acc["db_url"]

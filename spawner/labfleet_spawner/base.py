@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from tornado import web
-from traitlets import Dict, HasTraits, Instance, Unicode, default
+from traitlets import Any, Dict, HasTraits, Instance, List, Unicode, default
 
 from .catalogue import Catalogue, Selection, SelectionError, load_catalogue, validate_selection
 from .form import options_from_form, render_form
@@ -57,6 +57,33 @@ class CatalogueSpawnerMixin(HasTraits):
 
     selection = Instance(Selection, allow_none=True, help="The validated selection of this spawn.")
 
+    accounting_group_exclude = List(
+        Unicode(),
+        ["users"],
+        config=True,
+        help="""Umbrella groups never charged for a session when the user has another.
+
+        See :func:`labfleet_spawner.objects.accounting_group` for the whole rule.
+        """,
+    )
+
+    budget_db_url = Unicode(
+        "",
+        config=True,
+        help="""SQLAlchemy URL of the accounting ledger; when set, GPU sessions are
+        checked against the charged group's GPU-hour budget before anything starts
+        (refused at 100% when the budget is enforced, a warning from its threshold).
+        """,
+    )
+
+    budget_checker = Any(
+        None,
+        allow_none=True,
+        help="An object with check_budget(group, accelerator_kind) -> Decision (tests, embedding).",
+    )
+
+    budget_message = Unicode("", help="The budget warning of this spawn, if any.")
+
     @property
     def catalogue(self) -> Catalogue:
         if self.catalogue_data is not None:
@@ -64,6 +91,44 @@ class CatalogueSpawnerMixin(HasTraits):
         if not self.catalogue_path:
             raise RuntimeError(f"{type(self).__name__}.catalogue_path is not configured")
         return cached_catalogue(self.catalogue_path)
+
+    def charged_group(self) -> str:
+        """The group this session is accounted (and budgeted) to; one rule everywhere."""
+        from .objects import accounting_group
+
+        if self.selection is None:
+            return ""
+        return accounting_group(
+            self.selection, self.user_group_names(), self.accounting_group_exclude
+        )
+
+    def _budget_checker(self):
+        if self.budget_checker is None and self.budget_db_url:
+            from labfleet_accounting.budgets import BudgetChecker
+            from labfleet_accounting.db import make_engine
+
+            self.budget_checker = BudgetChecker(make_engine(self.budget_db_url))
+        return self.budget_checker
+
+    def check_budget(self) -> None:
+        """Refuse (HTTP 403) a GPU session whose group has spent its GPU-hour budget."""
+        checker = self._budget_checker()
+        if checker is None or self.selection is None:
+            return
+        accelerator = self.selection.accelerator
+        try:
+            decision = checker.check_budget(
+                self.charged_group(), accelerator.kind if accelerator else ""
+            )
+        except Exception as e:
+            # an unreachable ledger must not stop every spawn: allow, loudly
+            self.log.error("GPU budget check failed for %s, allowing: %s", self._log_name, e)
+            return
+        if not decision.allowed:
+            self.log.warning("Refused spawn for %s: %s", self._log_name, decision.message)
+            raise web.HTTPError(403, f"Refused: {decision.message}", reason="GPU budget exhausted")
+        if decision.verdict == "warn":
+            self.budget_message = decision.message
 
     def user_group_names(self) -> list[str]:
         """The hub groups of the user, as synced by the authenticator at login and refresh."""
@@ -114,6 +179,7 @@ class CatalogueSpawnerMixin(HasTraits):
         except SelectionError as e:
             self.log.warning("Rejected spawn options for %s: %s", self._log_name, e)
             raise web.HTTPError(400, f"Rejected: {e}", reason="Invalid profile choice") from None
+        self.check_budget()
         return self.selection
 
     def selection_env(self) -> dict[str, str]:

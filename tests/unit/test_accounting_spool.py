@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from labfleet_accounting import db
 from labfleet_accounting.ledger import Ledger
-from labfleet_accounting.spool import STATE_START, SpoolCollector, SpoolHook, charged_group
+from labfleet_accounting.spool import STATE_START, SpoolCollector, SpoolHook
 
 
 def spawner(name=""):
@@ -18,15 +18,9 @@ def spawner(name=""):
     user = SimpleNamespace(
         name="alice", groups=[SimpleNamespace(name="cms"), SimpleNamespace(name="ml")]
     )
+    # the spawner decides the charged group (one rule with Kubernetes and budgets)
     return SimpleNamespace(user=user, name=name, selection=selection, cpu_limit=2.0,
-                           mem_limit=4 << 30)  # fmt: skip
-
-
-def test_charged_group_prefers_the_group_granting_the_hardware():
-    assert charged_group(["cms", "ml"], (), ("ml",)) == "ml"
-    assert charged_group(["z", "ml"], ("ml", "z"), ()) == "ml"
-    assert charged_group(["z", "a"]) == "a"
-    assert charged_group([]) == ""
+                           mem_limit=4 << 30, charged_group=lambda: "ml")  # fmt: skip
 
 
 def test_hook_and_collector_roundtrip(tmp_path):
