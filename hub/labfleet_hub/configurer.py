@@ -157,6 +157,14 @@ def load_values(path: str | os.PathLike) -> dict:
         load_catalogue(values["catalogue"])
     except CatalogueError as e:
         raise ConfigError(str(e)) from None
+    # Hub-managed services do not inherit the hub's environment; the one thing
+    # they need from it is where the cluster credentials are (Kubernetes mode
+    # outside a cluster: a developer's or the test cluster's kubeconfig).
+    values["service_environment"] = (
+        {"KUBECONFIG": os.environ["KUBECONFIG"]}
+        if values["spawner"]["kind"] == "kubernetes" and os.environ.get("KUBECONFIG")
+        else {}
+    )
     if values["accounting"]["enabled"] and not values["accounting"]["port"]:
         # port 0: a free loopback port, chosen once when the hub loads its configuration
         values["accounting"]["port"] = _free_loopback_port()
@@ -379,6 +387,7 @@ def apply_accounting(values: dict, c) -> None:
             "name": ACCOUNTING_SERVICE,
             "url": url,
             "command": accounting_command(values),
+            "environment": dict(values.get("service_environment", {})),
             "cwd": values["hub"]["state_dir"],
             "oauth_no_confirm": True,
             "display": True,
