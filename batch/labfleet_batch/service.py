@@ -285,6 +285,27 @@ class BatchService(Application):
         config=True,
         help="The per-group queue/quota YAML (see labfleet_batch.queues); read at start.",
     )
+    queue_config = Dict(
+        {},
+        config=True,
+        help="""The queue configuration itself, as plain data (what ``labfleet up`` passes
+        from the ``batch.queues`` section of labfleet.yaml). Used when queues_path is empty.""",
+    )
+    state_dir = Unicode(
+        "",
+        config=True,
+        help="""Local backend: a folder of the service's own (mode 0700) where job records
+        are kept, so a restart of the service still knows its jobs. Empty: in memory only.""",
+    )
+    budget_db_url = Unicode(
+        "",
+        config=True,
+        help="""The accounting database (SQLAlchemy URL) whose GPU-hour budgets decide whether
+        a group may submit GPU jobs (labfleet_accounting.budgets). Empty: no budget checks.""",
+    )
+    budget_limit_cpu = Bool(
+        False, config=True, help="Refuse CPU-only jobs too once a group's budget is spent."
+    )
     backend = Enum(
         ("kubernetes", "local"),
         default_value="local",
@@ -355,8 +376,13 @@ class BatchService(Application):
 
     async def make_context(self) -> Context:
         catalogue = load_catalogue(self.catalogue_path)
-        with open(self.queues_path) as f:
-            config = parse_queue_config(yaml.safe_load(f), catalogue, source=self.queues_path)
+        if self.queues_path:
+            with open(self.queues_path) as f:
+                config = parse_queue_config(yaml.safe_load(f), catalogue, source=self.queues_path)
+        else:
+            config = parse_queue_config(
+                self.queue_config, catalogue, source="BatchService.queue_config"
+            )
         backend = await self.make_backend(config)
         policy = Policy(
             admin_group_suffix=self.admin_group_suffix,

@@ -342,6 +342,8 @@ def apply_config(values: dict, c) -> None:
 
     if values.get("accounting", {}).get("enabled"):
         apply_accounting(values, c)
+    if values.get("batch", {}).get("enabled"):
+        apply_batch(values, c)
 
 
 ACCOUNTING_SERVICE = "accounting"
@@ -405,3 +407,81 @@ def apply_accounting(values: dict, c) -> None:
         c.LocalGPUSpawner.accounting_hook = SpoolHook(path=acc["spool"])
     # GPU sessions are checked against the charged group's GPU-hour budget
     getattr(c, spawner_class_name(values)).budget_db_url = acc["db_url"]
+
+
+BATCH_SERVICE = "batch"
+
+
+def batch_url(values: dict) -> str:
+    """Where notebooks reach the batch service: through the proxy, like a browser would."""
+    hub = values["hub"]
+    return f"{hub['public_url']}{hub['base_url'].rstrip('/')}/services/{BATCH_SERVICE}/"
+
+
+def batch_command(values: dict) -> list[str]:
+    """The command line of the hub-managed batch service (see docs/batch.md)."""
+    batch, spawner, hub = values["batch"], values["spawner"], values["hub"]
+    # traitlets reads Dict values on the command line with ast.literal_eval:
+    # Python literals (True/None), not JSON
+    command = [
+        sys.executable,
+        "-m",
+        "labfleet_batch.service",
+        f"--BatchService.catalogue_path={values['catalogue']}",
+        f"--BatchService.queue_config={batch['queues']!r}",
+        f"--BatchService.hub_admins_see_all={batch['hub_admins_see_all']}",
+        f"--BatchService.log_level={batch['log_level']}",
+    ]
+    if batch["limits"]:
+        command.append(f"--BatchService.limits={batch['limits']!r}")
+    if spawner["kind"] == "local":
+        command += [
+            "--BatchService.backend=local",
+            f"--BatchService.storage_root={spawner['storage_root']}",
+            f"--BatchService.state_dir={Path(hub['state_dir']) / 'batch'}",
+        ]
+        # the hub's user and group ids give jobs the notebooks' uids (when root)
+        if spawner["isolate_users"] != "no" and hub["db_url"].startswith("sqlite:///"):
+            command.append(f"--BatchService.hub_db_path={hub['db_url'][len('sqlite:///') :]}")
+    else:
+        command.append("--BatchService.backend=kubernetes")
+    if batch["budgets"]["enabled"]:
+        command += [
+            f"--BatchService.budget_db_url={values['accounting']['db_url']}",
+            f"--BatchService.budget_limit_cpu={batch['budgets']['limit_cpu']}",
+        ]
+    return command
+
+
+def apply_batch(values: dict, c) -> None:
+    """The batch service as a hub-managed service; users and their notebooks may call it.
+
+    The service authenticates every request with HubAuth; the caller's token
+    needs ``access:services!service=batch``: the ``user`` role grants it (API
+    tokens from the token page) and so do the notebook servers' own tokens, so
+    ``JUPYTERHUB_API_TOKEN`` in a notebook works with ``LABFLEET_BATCH_URL``.
+    """
+    batch = values["batch"]
+    c.JupyterHub.services.append(
+        {
+            "name": BATCH_SERVICE,
+            "url": f"http://127.0.0.1:{batch['port']}",
+            "command": batch_command(values),
+            "cwd": values["hub"]["state_dir"],
+            # a REST API, no page for the Services menu
+            "display": False,
+        }
+    )
+    access = f"access:services!service={BATCH_SERVICE}"
+    roles = [dict(r) for r in (c.JupyterHub.load_roles if "load_roles" in c.JupyterHub else [])]
+    user_role = next((r for r in roles if r["name"] == "user"), None)
+    if user_role is None:
+        user_role = {"name": "user", "scopes": ["self"]}
+        roles.append(user_role)
+    user_role["scopes"] = [*user_role["scopes"], access]
+    c.JupyterHub.load_roles = roles
+    scopes = list(c.Spawner.server_token_scopes if "server_token_scopes" in c.Spawner else [])
+    c.Spawner.server_token_scopes = [*scopes, access]
+    environment = dict(c.Spawner.environment if "environment" in c.Spawner else {})
+    environment["LABFLEET_BATCH_URL"] = batch_url(values)
+    c.Spawner.environment = environment

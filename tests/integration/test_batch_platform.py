@@ -1,0 +1,144 @@
+"""Batch jobs on the single-node platform: `labfleet up` runs the batch service.
+
+Real login through the development IdP in Chromium, real hub tokens (the
+token page, and the notebook server's own JUPYTERHUB_API_TOKEN), the real
+``labfleet-batch`` CLI, jobs as local processes under the users' uids.
+Sync tests only: Playwright's sync API runs a loop in this module's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import login
+from .test_platform_login import api_token, http, start_server, stop_server, wait_for_lab
+
+CLI = str(Path(sys.executable).parent / "labfleet-batch")
+
+
+def batch_url(platform) -> str:
+    return f"{platform.url}/services/batch/"
+
+
+def cli(platform, token: str, *args: str, stdin: str | None = None, url: str | None = None):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")},
+        "JUPYTERHUB_API_TOKEN": token,
+        "LABFLEET_BATCH_URL": url or batch_url(platform),
+    }
+    return subprocess.run(
+        [CLI, *args], input=stdin, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def storage_root(platform) -> Path:
+    values = yaml.safe_load((platform.config_dir / "labfleet.yaml").read_text())
+    return Path(values["spawner"]["storage_root"])
+
+
+def expected_uid(platform, username: str) -> int:
+    """The uid a job must run as: the notebook's mapped uid when the hub is root."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    [(user_id,)] = platform.query("SELECT id FROM users WHERE name = ?", username)
+    return 200000 + user_id
+
+
+@pytest.fixture(scope="module")
+def tokens(platform, browser):
+    found = {}
+    for name in ("alice", "bob"):
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        login(page, platform, name, f"{name}-pass")
+        page.wait_for_url(re.compile(r"/hub/"))
+        found[name] = api_token(page, platform)
+        context.close()
+    return found
+
+
+def test_job_from_the_cli_runs_as_the_user_and_stays_private(platform, tokens):
+    alice, bob = tokens["alice"], tokens["bob"]
+    script = "echo hello from uid $(id -u) index $JOB_COMPLETION_INDEX\necho result > out.txt\n"
+    submitted = cli(
+        platform, alice, "submit", "--group", "ml", "--name", "hello", "-", stdin=script
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert re.fullmatch(r"ml/hello-[a-z0-9]{8}", job_id), submitted.stdout
+
+    waited = cli(platform, alice, "wait", job_id)
+    assert waited.returncode == 0, waited.stderr
+    assert f"{job_id}: succeeded" in waited.stderr
+    logs = cli(platform, alice, "logs", job_id)
+    uid = expected_uid(platform, "alice")
+    assert logs.stdout == f"hello from uid {uid} index 0\n", logs
+    # the result is in alice's home on the shared storage, owned by her
+    out = storage_root(platform) / "home" / "alice" / "batch" / job_id.split("/")[1] / "out.txt"
+    assert out.read_text() == "result\n"
+    assert out.stat().st_uid == uid
+
+    # bob sees nothing of it: status, logs and cancel answer 404 like a missing job
+    url = batch_url(platform)
+    for method, path in (
+        ("GET", f"api/jobs/{job_id}"),
+        ("GET", f"api/jobs/{job_id}/logs?index=0"),
+        ("DELETE", f"api/jobs/{job_id}"),
+    ):
+        status, body = http(method, url + path, bob)
+        assert status == 404, (method, path, status, body)
+        assert "alice" not in body and "hello from" not in body
+    assert cli(platform, bob, "status", job_id).stdout.strip() == "failed"  # Snakemake: gone
+    cancel = cli(platform, bob, "cancel", job_id)
+    assert cancel.returncode == 2 and "no job" in cancel.stderr
+    status, body = http("GET", url + "api/jobs", bob)
+    assert status == 200 and job_id not in body
+    # ... and the job is untouched for alice
+    status, body = http("GET", url + f"api/jobs/{job_id}", alice)
+    assert status == 200 and json.loads(body)["state"] == "succeeded"
+    # bob may not submit to alice's group
+    refused = cli(platform, bob, "submit", "--group", "ml", "--", "true")
+    assert refused.returncode == 2 and "ml" in refused.stderr
+    # no token, no service
+    assert http("GET", url + "api/jobs")[0] == 401
+
+
+def test_notebook_token_and_url_reach_the_service(platform, page):
+    login(page, platform, "alice", "alice-pass")
+    page.wait_for_url(re.compile(r"/hub/spawn"))
+    start_server(page, platform, "cpu", image="scipy", size="small")
+    wait_for_lab(page)
+    try:
+        pids = subprocess.run(
+            ["pgrep", "-f", "jupyterhub-singleuser"], capture_output=True, text=True
+        ).stdout.split()
+        environ = {}
+        for pid in pids:
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "JUPYTERHUB_USER=alice\0" in raw:
+                environ = dict(v.split("=", 1) for v in raw.split("\0") if "=" in v)
+        assert environ, "alice's single-user server process not found"
+        url, token = environ["LABFLEET_BATCH_URL"], environ["JUPYTERHUB_API_TOKEN"]
+        assert url == batch_url(platform)
+        # the notebook's own server token is accepted (the scope is in server_token_scopes)
+        status, body = http("GET", url + "api/info", token)
+        assert status == 200, body
+        info = json.loads(body)
+        assert info["user"] == "alice" and set(info["groups"]) == {"ml"}
+        done = cli(platform, token, "submit", "--group", "ml", "--", "true", url=url)
+        assert done.returncode == 0, done.stderr
+        assert cli(platform, token, "wait", done.stdout.strip(), url=url).returncode == 0
+    finally:
+        stop_server(platform, page, "alice")

@@ -1,0 +1,127 @@
+"""The ``batch:`` section of labfleet.yaml -> a hub-managed service for users and notebooks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from labfleet_batch.service import BatchService
+from labfleet_hub.configurer import (
+    ConfigError,
+    apply_config,
+    batch_command,
+    ensure_secrets,
+    load_values,
+    with_secrets,
+)
+from traitlets.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCESS = "access:services!service=batch"
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    for name in ("labfleet.yaml", "catalogue.yaml", "accounts.yaml"):
+        shutil.copy(ROOT / "config" / name, tmp_path / name)
+    data = yaml.safe_load((tmp_path / "labfleet.yaml").read_text())
+    data["hub"]["state_dir"] = "state"
+    (tmp_path / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path
+
+
+def values_for(config_dir, **batch):
+    path = config_dir / "labfleet.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["batch"].update(batch)
+    path.write_text(yaml.safe_dump(data))
+    values = load_values(path)
+    ensure_secrets(values)
+    return with_secrets(values)
+
+
+def batch_service(c) -> dict:
+    return next(s for s in c.JupyterHub.services.get_value([]) if s["name"] == "batch")
+
+
+def test_bundled_config_runs_batch_next_to_accounting(config_dir):
+    values = values_for(config_dir)
+    port = values["batch"]["port"]
+    assert 0 < port < 65536 and port != values["accounting"]["port"]
+    c = Config()
+    apply_config(values, c)
+    service = batch_service(c)
+    assert service["url"] == f"http://127.0.0.1:{port}"
+    assert service["cwd"] == str(config_dir / "state")
+    [user_role] = [r for r in c.JupyterHub.load_roles if r["name"] == "user"]
+    # batch joins accounting and the IAM token scope; nothing is replaced
+    assert ACCESS in user_role["scopes"]
+    assert "access:services!service=accounting" in user_role["scopes"]
+    assert any(s.startswith("custom:") for s in user_role["scopes"])
+    # a notebook's own token may call the service, and the notebook knows where it is
+    assert ACCESS in c.Spawner.server_token_scopes
+    assert "access:servers!server" in c.Spawner.server_token_scopes
+    assert c.Spawner.environment["LABFLEET_BATCH_URL"] == (
+        f"{values['hub']['public_url']}/services/batch/"
+    )
+
+
+def test_command_is_understood_by_the_service(config_dir):
+    values = values_for(config_dir, limits={"max_completions": 50})
+    command = batch_command(values)
+    assert command[1:3] == ["-m", "labfleet_batch.service"]
+    app = BatchService()
+    app.parse_command_line(command[3:])
+    assert app.backend == "local"
+    assert app.queue_config == values["batch"]["queues"]
+    assert set(app.queue_config["groups"]) == {"ml", "cms"}
+    assert app.limits == {"max_completions": 50}
+    assert app.catalogue_path == values["catalogue"]
+    assert app.storage_root == values["spawner"]["storage_root"]
+    assert app.state_dir == str(config_dir / "state" / "batch")
+    # the hub's database gives jobs the notebooks' uids
+    assert app.hub_db_path == str(config_dir / "state" / "jupyterhub.sqlite")
+    assert app.budget_db_url == ""
+
+
+def test_no_isolation_means_no_hub_ids(config_dir):
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    data["spawner"]["isolate_users"] = "no"
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    assert not any("hub_db_path" in arg for arg in batch_command(values_for(config_dir)))
+
+
+def test_budgets_read_the_accounting_database(config_dir):
+    values = values_for(config_dir, budgets={"enabled": True, "limit_cpu": True})
+    app = BatchService()
+    app.parse_command_line(batch_command(values)[3:])
+    assert app.budget_db_url == values["accounting"]["db_url"]
+    assert app.budget_limit_cpu is True
+
+
+def test_budgets_need_accounting(config_dir):
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    data["accounting"]["enabled"] = False
+    data["batch"]["budgets"] = {"enabled": True}
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="batch.budgets.enabled: .*enable accounting"):
+        load_values(config_dir / "labfleet.yaml")
+
+
+def test_queue_layout_is_checked_against_the_catalogue(config_dir):
+    with pytest.raises(ConfigError, match=r"batch.queues: groups.ml.accelerators: 'h100'"):
+        values_for(config_dir, queues={"groups": {"ml": {"cpu": 1, "accelerators": {"h100": 1}}}})
+    with pytest.raises(ConfigError, match="field batch.port"):
+        values_for(config_dir, port=-1)
+
+
+def test_disabled_batch_configures_nothing(config_dir):
+    values = values_for(config_dir, enabled=False)
+    c = Config()
+    apply_config(values, c)
+    names = [s["name"] for s in c.JupyterHub.services.get_value([])]
+    assert "batch" not in names
+    assert ACCESS not in c.Spawner.server_token_scopes
+    assert "LABFLEET_BATCH_URL" not in (c.Spawner.environment if "environment" in c.Spawner else {})
