@@ -10,14 +10,14 @@ refused request leaves nothing behind.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import re
 import secrets
 import tarfile
 from dataclasses import dataclass, field
 
 from labfleet_hub import contract
+from labfleet_spawner import objects
+from labfleet_spawner.catalogue import Catalogue
 
 from . import podspec
 from .validation import BatchRequest
@@ -29,7 +29,6 @@ LABEL_OFFLOAD = f"{contract.DOMAIN}/offload"
 LABEL_CANCELLED = f"{contract.DOMAIN}/cancelled"
 CONTAINER_NAME = "job"
 
-_LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _SUFFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 # Runs in the job's image with /bin/sh; only coreutils' base64 and tar needed,
@@ -56,16 +55,12 @@ exec "$@"
 
 
 def label_value(text: str) -> str:
-    """``text`` as a valid label value: itself when valid, else escaped and hashed.
+    """A user name as a label value: the Kubernetes spawner's escaping (see podspec.user_label).
 
     Label values allow 63 characters of ``[A-Za-z0-9._-]``; user names may hold
     ``@`` or ``+``. The unescaped name always goes into an annotation too.
     """
-    if _LABEL_VALUE_RE.match(text):
-        return text
-    safe = re.sub(r"[^A-Za-z0-9._-]", "-", text).strip("-._")[:50] or "x"
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"{safe}-{digest}"
+    return podspec.user_label(text)
 
 
 def new_job_name(display_name: str, token: str | None = None) -> str:
@@ -103,34 +98,29 @@ class JobContext:
     priority_class: str
     storage: podspec.PodStorage = field(default_factory=podspec.PodStorage)
     kind_tolerations: dict | None = None
+    # CPU jobs are kept off accelerator nodes (as notebooks are) when it is known
+    catalogue: Catalogue | None = None
     extra_labels: dict[str, str] = field(default_factory=dict)
 
 
-def job_labels(request: BatchRequest, ctx: JobContext) -> dict[str, str]:
+def job_metadata(request: BatchRequest, ctx: JobContext) -> tuple[dict, dict]:
+    """Labels and annotations of the accounting contract: the notebook's, with kind=batch."""
     selection = request.selection
-    labels = {
-        contract.LABEL_USER: label_value(ctx.user),
-        contract.LABEL_GROUP: request.group,
-        contract.LABEL_PROFILE: label_value(selection.profile.name),
-        contract.LABEL_KIND: contract.KIND_BATCH,
-        **ctx.extra_labels,
-    }
-    if selection.accelerator is not None:
-        labels[contract.LABEL_ACCELERATOR] = label_value(selection.accelerator.name)
+    labels, annotations = objects.contract_metadata(
+        selection, ctx.user, label_value(ctx.user), [request.group], request.group
+    )
+    labels[contract.LABEL_KIND] = contract.KIND_BATCH
+    labels.update(ctx.extra_labels)
     if request.offload:
         labels[LABEL_OFFLOAD] = "true"
-    return labels
-
-
-def job_annotations(request: BatchRequest, ctx: JobContext) -> dict[str, str]:
-    selection = request.selection
-    return {
-        contract.ANNOTATION_USER: ctx.user,
-        contract.ANNOTATION_GROUPS: request.group,
-        contract.ANNOTATION_ACCELERATOR_COUNT: str(selection.count),
-        ANNOTATION_BATCH_NAME: request.name,
-        ANNOTATION_MAX_RUN_TIME: str(request.max_run_time),
-    }
+    annotations.update(
+        {
+            contract.ANNOTATION_ACCELERATOR_COUNT: str(selection.count),
+            ANNOTATION_BATCH_NAME: request.name,
+            ANNOTATION_MAX_RUN_TIME: str(request.max_run_time),
+        }
+    )
+    return labels, annotations
 
 
 def container_env(request: BatchRequest, ctx: JobContext, job_name: str) -> list[dict]:
@@ -153,11 +143,11 @@ def container_env(request: BatchRequest, ctx: JobContext, job_name: str) -> list
 def make_job(request: BatchRequest, ctx: JobContext, job_name: str) -> dict:
     """The ``batch/v1`` Job for ``request`` (pure; no defaults read from anywhere else)."""
     selection = request.selection
-    volumes, mounts = podspec.storage_volumes(ctx.storage, ctx.user, request.group)
-    shm_volumes, shm_mounts = podspec.shm_volume(selection)
+    volumes, mounts = podspec.storage_volumes(
+        ctx.storage, ctx.user, request.group, shm=selection.size.shm
+    )
     pod_sc, container_sc = podspec.security_context(ctx.storage)
-    labels = job_labels(request, ctx)
-    annotations = job_annotations(request, ctx)
+    labels, annotations = job_metadata(request, ctx)
     queue_labels = {
         contract.KUEUE_QUEUE_LABEL: ctx.queue,
         contract.KUEUE_PRIORITY_LABEL: ctx.priority_class,
@@ -170,7 +160,7 @@ def make_job(request: BatchRequest, ctx: JobContext, job_name: str) -> dict:
         "env": container_env(request, ctx, job_name),
         "resources": podspec.resources(selection),
         "securityContext": container_sc,
-        "volumeMounts": mounts + shm_mounts,
+        "volumeMounts": mounts,
     }
     pod_spec: dict = {
         "restartPolicy": "Never",
@@ -178,12 +168,10 @@ def make_job(request: BatchRequest, ctx: JobContext, job_name: str) -> dict:
         "enableServiceLinks": False,
         "securityContext": pod_sc,
         "containers": [container],
-        "volumes": volumes + shm_volumes,
+        "volumes": volumes,
+        "affinity": podspec.node_affinity(selection, ctx.catalogue, request.offload),
     }
-    affinity = podspec.node_affinity(selection.accelerator, request.offload)
-    if affinity:
-        pod_spec["affinity"] = affinity
-    tols = podspec.tolerations(selection.accelerator, request.offload, ctx.kind_tolerations)
+    tols = podspec.tolerations(selection, request.group, request.offload, ctx.kind_tolerations)
     if tols:
         pod_spec["tolerations"] = tols
     spec: dict = {

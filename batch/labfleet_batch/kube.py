@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from labfleet_hub import contract
+from labfleet_spawner.catalogue import Catalogue
 
 from . import jobs as jobbuilder
 from .model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, LogsUnavailable
@@ -220,8 +221,10 @@ class KubeBackend:
         config: QueueConfig,
         storage: PodStorage | None = None,
         visibility_retry: float = 300,
+        catalogue: Catalogue | None = None,
     ):
         self.api = api
+        self.catalogue = catalogue
         self.config = config
         self.storage = storage or PodStorage()
         self.visibility_retry = visibility_retry
@@ -246,6 +249,7 @@ class KubeBackend:
             priority_class=self.config.priority_class(request.priority),
             storage=self.storage,
             kind_tolerations=self.config.kind_tolerations,
+            catalogue=self.catalogue,
         )
         body = jobbuilder.make_job(request, ctx, jobbuilder.new_job_name(request.name))
         created = await self.api.request(

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from kubespawner.slugs import is_valid_label, safe_slug
 from labfleet_batch import jobs, queues
 from labfleet_batch.authz import Caller, Policy
 from labfleet_batch.validation import Limits, RequestError, validate_request
@@ -157,8 +158,10 @@ def test_job_is_suspended_queued_and_labelled(catalogue, qconfig):
     assert labels[contract.LABEL_KIND] == contract.KIND_BATCH
     assert labels[contract.LABEL_GROUP] == "ml"
     assert labels[contract.LABEL_ACCELERATOR] == "t4"
-    # "@" is not allowed in label values: escaped, the exact name in an annotation
-    assert labels[contract.LABEL_USER].startswith("alice-example.org-")
+    # "@" is not allowed in label values: escaped exactly as the Kubernetes spawner
+    # escapes it (one user, one accounting key), the exact name in an annotation
+    assert labels[contract.LABEL_USER] == safe_slug("alice@example.org", is_valid=is_valid_label)
+    assert labels[contract.LABEL_USER] == "alice-example-org---7a64adf2"
     assert meta["annotations"][contract.ANNOTATION_USER] == "alice@example.org"
     assert meta["annotations"][contract.ANNOTATION_ACCELERATOR_COUNT] == "1"
     assert (spec["completions"], spec["parallelism"]) == (4, 2)
@@ -176,7 +179,9 @@ def test_job_is_suspended_queued_and_labelled(catalogue, qconfig):
     }
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
-        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["Tesla-T4"]}
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["Tesla-T4"]},
+        # like a notebook, a local job never lands on an interLink virtual node
+        {"key": "type", "operator": "NotIn", "values": ["virtual-kubelet"]},
     ]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
         "tolerations"
@@ -192,7 +197,13 @@ def test_job_is_suspended_queued_and_labelled(catalogue, qconfig):
     assert mounts["/home/jovyan"]["subPath"] == "home/alice@example.org"
     assert mounts["/srv/groups/ml"]["subPath"] == "groups/ml"
     assert mounts["/srv/envs"]["readOnly"] is True
-    assert "/dev/shm" not in mounts  # size small has no shm
+    # /dev/shm as for the notebook: the spawner's 64Mi default when the size sets none
+    assert mounts["/dev/shm"]["name"] == "shm"
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Mi"}
+    # no fsGroup (the kubelet would chown the shared volume); a supplementary group
+    assert "fsGroup" not in pod["securityContext"]
+    assert pod["securityContext"]["supplementalGroups"] == [100]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -234,6 +245,41 @@ def test_label_value_escaping():
     escaped = jobs.label_value("a+b@c")
     assert escaped != jobs.label_value("a-b@c")  # distinct names stay distinct
     assert len(jobs.label_value("x" * 200)) <= 63
+    for name in ("alice", "a+b@c", "Bob.Smith@cern.ch", "x" * 200):
+        assert jobs.label_value(name) == safe_slug(name, is_valid=is_valid_label)
+
+
+def test_pod_pieces_are_the_notebook_builders(catalogue, qconfig):
+    """Resources, tolerations and storage env come from labfleet_spawner.objects."""
+    from labfleet_batch import podspec
+    from labfleet_spawner import objects
+
+    req, job = make(catalogue, qconfig, {"command": ["true"], "accelerator": "t4"})
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"] == objects.resource_requirements(req.selection)
+    assert pod["tolerations"] == objects.tolerations(req.selection, ["ml"])
+    # the charged group's reserved nodes are tolerated, like the group's notebooks
+    assert {"key": objects.RESERVED_TAINT_KEY, "operator": "Equal", "value": "ml",
+            "effect": "NoSchedule"} in pod["tolerations"]  # fmt: skip
+    env = {e["name"]: e["value"] for e in container["env"]}
+    storage = podspec.PodStorage()
+    for key, value in objects.storage_env(storage.options(), ["ml"]).items():
+        assert env[key] == value
+    assert env["HOME"] == storage.home_mount
+
+
+def test_cpu_job_keeps_off_accelerator_nodes_with_the_catalogue(catalogue, qconfig):
+    req = validate({"command": ["true"]}, catalogue, qconfig)
+    ctx = jobs.JobContext(
+        user="bob", namespace="labfleet-ml", queue="ml-queue", priority_class="labfleet-normal",
+        catalogue=catalogue,
+    )  # fmt: skip
+    pod = jobs.make_job(req, ctx, "cpu-abc12345")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    exprs = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    gpu = next(e for e in exprs if e["key"] == "nvidia.com/gpu.product")
+    assert gpu["operator"] == "NotIn" and "Tesla-T4" in gpu["values"]
 
 
 # -- queues -----------------------------------------------------------------------------
