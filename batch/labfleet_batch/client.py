@@ -228,6 +228,8 @@ def batch_magic(line: str, cell: str, client: BatchClient | None = None) -> dict
     client = client or BatchClient()
     job = client.submit(script=cell, **_fields(args))
     print(f"submitted {job['id']} to group {job['group']}'s queue")
+    if job.get("warning"):
+        print(f"warning: {job['warning']}")
     if args.wait or args.logs:
         job = client.wait(job["id"])
         if args.logs:
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None, client: BatchClient | None = None) -> in
             if script is None and not command:
                 parser.error("submit needs a script file, - (stdin) or -- COMMAND ...")
             job = client.submit(command=command, script=script, **_fields(args))
+            if job.get("warning"):
+                print(f"labfleet-batch: warning: {job['warning']}", file=sys.stderr)
             print(job["id"])  # only the id: Snakemake reads it
         elif args.cmd == "status":
             print(client.status(args.job_id)["snakemake_status"])

@@ -37,6 +37,7 @@ from traitlets import Bool, Dict, Enum, Float, Instance, Integer, Unicode, defau
 from traitlets.config import Application
 
 from .authz import Caller, Policy
+from .budget import BudgetGate, BudgetUnavailable, budget_gate_from_url
 from .model import FINAL_STATES, LogsUnavailable
 from .queues import QueueConfig, parse_queue_config
 from .validation import Limits, RequestError, validate_request
@@ -58,6 +59,7 @@ class Context:
         policy: Policy | None = None,
         limits: Limits | None = None,
         log_poll_interval: float = 1.0,
+        budget: BudgetGate | None = None,
     ):
         self.backend = backend
         self.catalogue = catalogue
@@ -66,6 +68,7 @@ class Context:
         self.policy = policy or Policy(configured_admins=config_admins(config))
         self.limits = limits or Limits()
         self.log_poll_interval = log_poll_interval
+        self.budget = budget
 
 
 def config_admins(config: QueueConfig) -> dict[str, tuple[str, ...]]:
@@ -188,11 +191,32 @@ class JobsHandler(BaseHandler):
             )
         except RequestError as e:
             raise web.HTTPError(400, "%s", str(e)) from None
+        decision = await self.check_budget(request)
         record = await self.ctx.backend.submit(request, self.caller.name)
         log.info(
             "%s submitted %s (%s)", self.caller.name, record.id, request.selection.profile.name
         )
-        self.write_json(record.to_json(), status=201)
+        body = record.to_json()
+        if decision is not None:
+            body["budget"] = decision.as_dict()
+            if decision.verdict != "allow":
+                body["warning"] = decision.message
+        self.write_json(body, status=201)
+
+    async def check_budget(self, request):
+        """The group's GPU-hour budget: refuse (403) before anything is created, or warn."""
+        gate = self.ctx.budget
+        accelerator = request.selection.accelerator
+        kind = accelerator.kind if accelerator is not None else ""
+        if gate is None or not gate.applies(kind):
+            return None
+        try:
+            decision = await gate.check(request.group, kind)
+        except BudgetUnavailable as e:
+            raise web.HTTPError(503, "%s", str(e)) from None
+        if not decision.allowed:
+            raise web.HTTPError(403, "%s", decision.message)
+        return decision
 
 
 class JobHandler(BaseHandler):
@@ -306,6 +330,11 @@ class BatchService(Application):
     budget_limit_cpu = Bool(
         False, config=True, help="Refuse CPU-only jobs too once a group's budget is spent."
     )
+    budget_cache_seconds = Float(
+        10.0,
+        config=True,
+        help="How long one budget decision per group and accelerator kind is reused.",
+    )
     backend = Enum(
         ("kubernetes", "local"),
         default_value="local",
@@ -383,12 +412,17 @@ class BatchService(Application):
             config = parse_queue_config(
                 self.queue_config, catalogue, source="BatchService.queue_config"
             )
-        backend = await self.make_backend(config)
+        backend = await self.make_backend(config, catalogue)
         policy = Policy(
             admin_group_suffix=self.admin_group_suffix,
             hub_admins_see_all=self.hub_admins_see_all,
             configured_admins=config_admins(config),
         )
+        budget = None
+        if self.budget_db_url:
+            budget = budget_gate_from_url(
+                self.budget_db_url, self.budget_limit_cpu, self.budget_cache_seconds
+            )
         return Context(
             backend,
             catalogue,
@@ -397,9 +431,10 @@ class BatchService(Application):
             policy,
             Limits(**self.limits),
             self.log_poll_interval,
+            budget=budget,
         )
 
-    async def make_backend(self, config: QueueConfig):
+    async def make_backend(self, config: QueueConfig, catalogue: Catalogue | None = None):
         if self.backend == "kubernetes":
             from kubernetes_asyncio import client as k8s_client
             from kubernetes_asyncio import config as k8s_config
@@ -412,7 +447,9 @@ class BatchService(Application):
             else:
                 k8s_config.load_incluster_config()
                 api_client = k8s_client.ApiClient()
-            return KubeBackend(KubeAPI(api_client), config, PodStorage(**self.pod_storage))
+            return KubeBackend(
+                KubeAPI(api_client), config, PodStorage(**self.pod_storage), catalogue=catalogue
+            )
         from labfleet_spawner.devices import DeviceAllocator
         from labfleet_spawner.nvml import discover
 
