@@ -14,7 +14,14 @@
   each in its own session (cancel and deadline kill the whole process group),
   running as the user's mapped uid/gid when the service is root -- the same
   ids and folders as the local spawner (:mod:`labfleet_spawner.storage`).
-- **Logs**: ``<workdir>/logs/<index>.log`` in the job's folder in the user's home.
+- **Logs**: ``<workdir>/logs/<index>.log`` in the job's folder in the user's home;
+  each completion's exit status goes to ``<index>.exit`` next to it (written by
+  a small ``/bin/sh`` wrapper, so it is known even if the service was down).
+- **Restarts**: with a :class:`~.store.JobStore`, records survive the service.
+  :meth:`LocalBackend.restore` reloads them: a job whose processes still run
+  (same pid *and* start time) is watched again until they end; one whose
+  processes are gone is finished from its exit status files; a job that was
+  still waiting is failed with a message (its request is not kept).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import datetime
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,7 @@ from .model import (
     LogsUnavailable,
 )
 from .queues import QueueConfig
+from .store import JobStore, alive, process_start_time
 from .validation import BatchRequest
 
 log = logging.getLogger(__name__)
@@ -85,10 +94,14 @@ def sqlite_hub_ids(db_path: str) -> HubIds:
     return ids
 
 
+#: Runs a completion and leaves its exit status in "$0" (``<index>.exit``), atomically.
+EXIT_WRAPPER = 'rc=0; "$@" || rc=$?; echo "$rc" > "$0.tmp" && mv -f "$0.tmp" "$0"; exit "$rc"'
+
+
 @dataclass
 class _Job:
     record: JobRecord
-    request: BatchRequest
+    request: BatchRequest | None  # None: restored after a restart
     layout: StorageLayout | None = None
     isolate: bool = False
     submitted: float = 0.0
@@ -96,12 +109,18 @@ class _Job:
     procs: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     task: asyncio.Task | None = None
     cancelled: bool = False
+    # index -> [pid, start time]: what a restarted service checks
+    pids: dict[int, list[int]] = field(default_factory=dict)
+    stored_demand: dict[str, float] | None = None
+    deadline: float = 0.0  # epoch seconds; 0: none
 
     @property
     def owner(self) -> str:
         return f"batch:{self.record.group}/{self.record.name}"
 
     def demand(self) -> dict[str, float]:
+        if self.request is None:
+            return dict(self.stored_demand or {})
         sel, par = self.request.selection, self.request.parallelism
         need = {"cpu": sel.size.cpu * par, "memory": sel.size.memory_bytes * par, "jobs": 1}
         if sel.accelerator is not None:
@@ -127,6 +146,8 @@ class LocalBackend:
         gid_base: int = DEFAULT_GID_BASE,
         kill_grace: float = 5.0,
         path: str = "/usr/local/bin:/usr/bin:/bin",
+        store: JobStore | None = None,
+        poll_interval: float = 1.0,
     ):
         self.config = config
         self.storage_root = storage_root
@@ -139,6 +160,8 @@ class LocalBackend:
         self.path = path
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._seq = 0
+        self.store = store
+        self.poll_interval = poll_interval
 
     # -- identity and folders --------------------------------------------------------
 
@@ -182,6 +205,7 @@ class LocalBackend:
         job = _Job(record, request, layout, self.isolate, submitted=self._seq)
         self._jobs[(request.group, name)] = job
         await asyncio.to_thread(self._prepare_workdir, job)
+        self._save(job)
         self._schedule()
         return record
 
@@ -226,6 +250,109 @@ class LocalBackend:
         for (group, name), job in list(self._jobs.items()):
             if job.record.state not in FINAL_STATES:
                 await self.cancel(group, name)
+
+    # -- persistence -------------------------------------------------------------------
+
+    def _save(self, job: _Job) -> None:
+        if self.store is None:
+            return
+        extra = {
+            "demand": job.demand(),
+            "devices": [d.uuid for d in job.devices],
+            "pids": job.pids,
+            "submitted": job.submitted,
+            "deadline": job.deadline,
+        }
+        self.store.save(job.record, extra)
+
+    async def restore(self) -> int:
+        """Reload the stored jobs and reconcile those that were not finished; returns how many."""
+        if self.store is None:
+            return 0
+        loaded = await asyncio.to_thread(self.store.load)
+        for record, extra in loaded:
+            job = _Job(
+                record,
+                None,
+                submitted=extra.get("submitted", 0),
+                pids={int(i): p for i, p in (extra.get("pids") or {}).items()},
+                stored_demand=extra.get("demand") or {},
+                deadline=extra.get("deadline", 0),
+            )
+            self._seq = max(self._seq, job.submitted)
+            self._jobs[(record.group, record.name)] = job
+            if record.state == QUEUED:
+                self._finish(
+                    job, FAILED, "the batch service restarted before this job started; submit again"
+                )
+            elif record.state == RUNNING:
+                job.devices, problems = self.allocator.restore(job.owner, extra.get("devices", []))
+                for problem in problems:
+                    log.warning("Restoring %s: %s", record.id, problem)
+                job.record.active = sum(1 for p in job.pids.values() if alive(*p))
+                if job.record.active:
+                    job.task = asyncio.get_running_loop().create_task(self._watch_restored(job))
+                else:
+                    self._conclude_restored(job)
+        if loaded:
+            log.info("Restored %d batch job record(s)", len(loaded))
+        return len(loaded)
+
+    async def _watch_restored(self, job: _Job) -> None:
+        """Poll the processes a previous service started until they end (or the deadline)."""
+        while True:
+            running = [p for p in job.pids.values() if alive(*p)]
+            job.record.active = len(running)
+            if not running:
+                break
+            if job.deadline and time.time() > job.deadline:
+                await self._kill_restored(job)
+                self._finish(job, FAILED, "exceeded max_run_time (after a service restart)")
+                return
+            await asyncio.sleep(self.poll_interval)
+        if not job.cancelled:
+            self._conclude_restored(job)
+
+    def _conclude_restored(self, job: _Job) -> None:
+        """Finish a restored job from the exit status files of its completions."""
+        logs = Path(job.record.workdir) / "logs"
+        codes: dict[int, int | None] = {}
+        for index in range(job.record.completions):
+            try:
+                codes[index] = int((logs / f"{index}.exit").read_text().strip())
+            except (OSError, ValueError):
+                codes[index] = None
+        job.record.succeeded = sum(1 for c in codes.values() if c == 0)
+        job.record.failed = len(codes) - job.record.succeeded
+        if not job.record.failed:
+            self._finish(job, SUCCEEDED, "")
+            return
+        bad = [str(i) for i, c in codes.items() if c not in (0, None)]
+        unknown = [str(i) for i, c in codes.items() if c is None]
+        why = []
+        if bad:
+            why.append(f"completion(s) {', '.join(bad[:10])} exited non-zero")
+        if unknown:
+            why.append(
+                f"completion(s) {', '.join(unknown[:10])} left no exit status (not started, or "
+                "ended while the batch service was down)"
+            )
+        self._finish(job, FAILED, "; ".join(why))
+
+    async def _kill_restored(self, job: _Job) -> None:
+        live = [pid for pid, start in job.pids.values() if alive(pid, start)]
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.kill_grace
+        while time.monotonic() < deadline and any(alive(*p) for p in job.pids.values()):
+            await asyncio.sleep(0.1)
+        for pid, start in job.pids.values():
+            if alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        if job.task is not None and job.task is not asyncio.current_task():
+            job.task.cancel()
 
     # -- queueing ------------------------------------------------------------------------
 
@@ -298,6 +425,8 @@ class LocalBackend:
                 continue
             job.record.state = RUNNING
             job.record.queue = {"admitted": True, "position": 0, "reason": "", "message": ""}
+            job.deadline = time.time() + job.request.max_run_time
+            self._save(job)
             job.task = asyncio.get_running_loop().create_task(self._run(job))
 
     # -- running ------------------------------------------------------------------------
@@ -362,8 +491,15 @@ class LocalBackend:
                 os.chown(log_path, layout.uid, layout.gid)
             if job.request.script is not None:
                 os.chmod(workdir / ".labfleet-job.sh", 0o700)
+            exit_path = workdir / "logs" / f"{index}.exit"
+            with contextlib.suppress(FileNotFoundError):
+                exit_path.unlink()
             try:
                 proc = await asyncio.create_subprocess_exec(
+                    "/bin/sh",
+                    "-c",
+                    EXIT_WRAPPER,
+                    str(exit_path),
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
@@ -376,12 +512,15 @@ class LocalBackend:
                 out.write(f"labfleet-batch: cannot start {argv[0]}: {e}\n".encode())
                 return 127
         job.procs[index] = proc
+        job.pids[index] = [proc.pid, process_start_time(proc.pid) or 0]
         job.record.active += 1
+        self._save(job)
         try:
             return await proc.wait()
         finally:
             job.record.active -= 1
             job.procs.pop(index, None)
+            job.pids.pop(index, None)
 
     async def _run(self, job: _Job) -> None:
         req = job.request
@@ -421,6 +560,9 @@ class LocalBackend:
             self._finish(job, SUCCEEDED, "")
 
     async def _kill_all(self, job: _Job) -> None:
+        if job.request is None:
+            await self._kill_restored(job)
+            return
         procs = list(job.procs.values())
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -441,6 +583,8 @@ class LocalBackend:
         job.record.state = state
         job.record.message = message
         job.record.queue = {"finished": True}
+        job.pids = {}
+        self._save(job)
         released = self.allocator.release(job.owner)
         if released:
             log.info("Released %s from %s", ", ".join(released), job.owner)

@@ -454,18 +454,22 @@ class BatchService(Application):
         from labfleet_spawner.nvml import discover
 
         from .local import LocalBackend, sqlite_hub_ids
+        from .store import JobStore
 
         allocator = DeviceAllocator.from_discovery(
             discover(None, logger=self.log), self.fpga_devices
         )
-        return LocalBackend(
+        backend = LocalBackend(
             config,
             self.storage_root,
             allocator=allocator,
             hub_ids=sqlite_hub_ids(self.hub_db_path) if self.hub_db_path else None,
             uid_base=self.uid_base,
             gid_base=self.gid_base,
+            store=JobStore(self.state_dir) if self.state_dir else None,
         )
+        await backend.restore()
+        return backend
 
     def start(self):
         url = urlparse(self.service_url)
