@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def config_dir(tmp_path):
-    for name in ("labfleet.yaml", "catalogue.yaml", "accounts.yaml"):
-        shutil.copy(ROOT / "config" / name, tmp_path / name)
+def config_dir(config_dir):
+    tmp_path = config_dir
     data = yaml.safe_load((tmp_path / "labfleet.yaml").read_text())
     data["hub"]["state_dir"] = "state"
     (tmp_path / "labfleet.yaml").write_text(yaml.safe_dump(data))

@@ -1,6 +1,5 @@
 """Platform YAML -> JupyterHub config: validation names file and field; apply only sets."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from labfleet_hub.configurer import (
 from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def config_dir(tmp_path):
-    for name in ("labfleet.yaml", "catalogue.yaml", "accounts.yaml"):
-        shutil.copy(ROOT / "config" / name, tmp_path / name)
-    return tmp_path
 
 
 def edit(path, change):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from tests.unit.test_kube_spawner import (  # noqa: F401  (autouse fixtures)
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def config_dir(tmp_path):
-    for name in ("labfleet.yaml", "catalogue.yaml", "accounts.yaml"):
-        shutil.copy(ROOT / "config" / name, tmp_path / name)
-    return tmp_path
 
 
 def kube_values(config_dir, kube: dict) -> dict:
