@@ -12,6 +12,11 @@ so no pods are started and both sides pay the same Kueue cost.
 
     .venv/bin/python -m benchmarks.batch -n 1000 [--concurrency 16]
     LABFLEET_CLUSTER_STATE=/tmp/cluster ...   # reuse a running cluster
+    ... --profile /tmp/service.prof             # cProfile the service (slower; diagnosis only)
+
+The service's CPU time over its halves is reported per submission
+(``service_cpu_ms_per_submit``): on a small shared machine the service competes
+for the same cores as the API server, so its CPU per request decides the ratio.
 """
 
 from __future__ import annotations
@@ -85,7 +90,25 @@ def api_client(cluster) -> k8s.ApiClient:
     return k8s.ApiClient(conf)
 
 
-def start_service(workdir: Path, cluster, hub, catalogue_path: Path, queues: dict) -> tuple:
+#: Runs the service under cProfile and writes the stats when the benchmark terminates it.
+PROFILE_WRAPPER = """
+import cProfile, signal, sys
+from labfleet_batch.service import main
+out = sys.argv.pop(1)
+prof = cProfile.Profile()
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(out)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+prof.enable()
+main(sys.argv[1:])
+"""
+
+
+def start_service(
+    workdir: Path, cluster, hub, catalogue_path: Path, queues: dict, profile: str = ""
+) -> tuple:
     port = free_port()
     (workdir / "queues.yaml").write_text(yaml.safe_dump(queues))
     (workdir / "batch_config.py").write_text(
@@ -106,14 +129,9 @@ def start_service(workdir: Path, cluster, hub, catalogue_path: Path, queues: dic
         "JUPYTERHUB_OAUTH_ACCESS_SCOPES": json.dumps([BATCH_SCOPE]),
     }
     log = open(workdir / "service.log", "wb")
+    run = ["-c", PROFILE_WRAPPER, profile] if profile else ["-m", "labfleet_batch.service"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "labfleet_batch.service",
-            "--config",
-            str(workdir / "batch_config.py"),
-        ],
+        [sys.executable, *run, "--config", str(workdir / "batch_config.py")],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -151,7 +169,7 @@ class RssSampler:
         self._task.cancel()
 
 
-async def bench(n: int, concurrency: int, cluster, hub, workdir: Path) -> dict:
+async def bench(n: int, concurrency: int, cluster, hub, workdir: Path, profile: str = "") -> dict:
     catalogue_path = ROOT / "config" / "catalogue.yaml"
     catalogue = load_catalogue(catalogue_path)
     s = os.urandom(3).hex()
@@ -184,7 +202,7 @@ async def bench(n: int, concurrency: int, cluster, hub, workdir: Path) -> dict:
         body = jobbuilder.make_job(request, ctx, jobbuilder.new_job_name("direct"))
         await batch_api.create_namespaced_job(ctx.namespace, body)
 
-    proc, url = start_service(workdir, cluster, hub, catalogue_path, queues)
+    proc, url = start_service(workdir, cluster, hub, catalogue_path, queues, profile)
     http = AsyncHTTPClient(max_clients=concurrency)
     headers = {"Authorization": f"token {token}"}
     body = json.dumps({**REQUEST, "group": group})
@@ -201,12 +219,15 @@ async def bench(n: int, concurrency: int, cluster, hub, workdir: Path) -> dict:
         rss_rest = sampler_proc.memory_info().rss
         # two interleaved halves per side: neither side always meets Kueue's backlog
         direct_lat, svc_lat, direct_wall, svc_wall = [], [], 0.0, 0.0
+        svc_cpu = 0.0
         with RssSampler(proc.pid) as sampler:
             for half in (n // 2, n - n // 2):
                 lat, wall = await run_pool(half, concurrency, direct)
                 direct_lat += lat
                 direct_wall += wall
+                before = sum(sampler_proc.cpu_times()[:2])
                 lat, wall = await run_pool(half, concurrency, via_service)
+                svc_cpu += sum(sampler_proc.cpu_times()[:2]) - before
                 svc_lat += lat
                 svc_wall += wall
         await asyncio.sleep(1)
@@ -232,6 +253,8 @@ async def bench(n: int, concurrency: int, cluster, hub, workdir: Path) -> dict:
             sv["throughput_per_s"] / d["throughput_per_s"], 3
         ),
         "p95_ratio_service_vs_direct": round(sv["p95_ms"] / d["p95_ms"], 3),
+        "service_cpu_ms_per_submit": round(svc_cpu * 1000 / n, 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "service_rss_mib": {
             "at_rest": round(rss_rest / 2**20, 1),
             "peak_under_load": round(max(sampler.peak, rss_after) / 2**20, 1),
@@ -251,6 +274,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="benchmarks.batch")
     parser.add_argument("-n", type=int, default=1000, help="jobs per side")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--profile", default="", help="write the service's cProfile stats here")
+    parser.add_argument("--repeat", type=int, default=1, help="runs on the same cluster")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="labfleet-bench-batch-") as tmp:
         tmp = Path(tmp)
@@ -262,8 +287,17 @@ def main(argv=None) -> dict:
             cluster, started = clusterlib.start_cluster(tmp / "cluster", die_with_parent=True), True
         hub = start_hub(tmp / "hub")
         try:
-            print(f"==> {args.n} Jobs direct and {args.n} through the service", flush=True)
-            result = asyncio.run(bench(args.n, args.concurrency, cluster, hub, tmp))
+            runs = []
+            for i in range(args.repeat):
+                print(f"==> run {i + 1}: {args.n} Jobs direct and {args.n} through the service",
+                      flush=True)  # fmt: skip
+                runs.append(
+                    asyncio.run(bench(args.n, args.concurrency, cluster, hub, tmp, args.profile))
+                )
+                print(json.dumps({k: runs[-1][k] for k in (
+                    "throughput_ratio_service_vs_direct", "p95_ratio_service_vs_direct",
+                    "service_cpu_ms_per_submit")}), flush=True)  # fmt: skip
+            result = runs[-1] if len(runs) == 1 else {"runs": runs}
         finally:
             stop_hub(hub)
             if started:

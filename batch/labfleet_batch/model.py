@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from .validation import BatchRequest
@@ -64,10 +64,16 @@ class JobRecord:
         return job_id(self.group, self.name)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # shallow, not dataclasses.asdict: asdict deep-copies field by field,
+        # which showed up in the submit profile; only ``queue`` is mutable
+        data = {f.name: getattr(self, f.name) for f in _FIELDS}
+        data["queue"] = dict(self.queue)
         data["id"] = self.id
         data["snakemake_status"] = snakemake_status(self.state)
         return data
+
+
+_FIELDS = fields(JobRecord)
 
 
 class LogsUnavailable(Exception):
