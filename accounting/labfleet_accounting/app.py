@@ -194,13 +194,9 @@ class ServeApp(AccountingApp):
         engine.dispose()
 
     async def _kube_client(self):
-        from kubernetes_asyncio import client, config
+        from labfleet_hub.kubeclient import api_client
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            await config.load_kube_config()
-        return client.ApiClient()
+        return await api_client()
 
     async def _kube(self, api, ledger, stop):
         from kubernetes_asyncio import client

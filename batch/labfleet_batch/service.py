@@ -436,17 +436,12 @@ class BatchService(Application):
 
     async def make_backend(self, config: QueueConfig, catalogue: Catalogue | None = None):
         if self.backend == "kubernetes":
-            from kubernetes_asyncio import client as k8s_client
-            from kubernetes_asyncio import config as k8s_config
+            from labfleet_hub.kubeclient import api_client as make_api_client
 
             from .kube import KubeAPI, KubeBackend
             from .podspec import PodStorage
 
-            if self.kubeconfig:
-                api_client = await k8s_config.new_client_from_config(config_file=self.kubeconfig)
-            else:
-                k8s_config.load_incluster_config()
-                api_client = k8s_client.ApiClient()
+            api_client = await make_api_client(self.kubeconfig)
             return KubeBackend(
                 KubeAPI(api_client), config, PodStorage(**self.pod_storage), catalogue=catalogue
             )

@@ -467,6 +467,7 @@ def apply_batch(values: dict, c) -> None:
             "name": BATCH_SERVICE,
             "url": f"http://127.0.0.1:{batch['port']}",
             "command": batch_command(values),
+            "environment": dict(values.get("service_environment", {})),
             "cwd": values["hub"]["state_dir"],
             # a REST API, no page for the Services menu
             "display": False,
