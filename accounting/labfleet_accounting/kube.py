@@ -24,6 +24,7 @@ it arrives, and lists are paginated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -284,7 +285,14 @@ class KubeCollector(LoggingConfigurable):
         return version
 
     async def watch_once(self, version: str) -> str:
-        """One watch request from ``version``; returns the version to continue from."""
+        """One watch request from ``version``; returns the version to continue from.
+
+        A batch is written when it is full, when ``batch_delay`` has passed
+        since the last write, or when no further event came for ``batch_delay``:
+        the last events of a burst (a deletion's DELETED, the replay after a
+        restart) are never held back until the next event or the end of the
+        request.
+        """
         batch: list[Event] = []
         last_flush = time.monotonic()
 
@@ -295,22 +303,49 @@ class KubeCollector(LoggingConfigurable):
             )
             batch, last_flush = [], time.monotonic()
 
-        async for raw in self.pods.watch(version, self.watch_timeout):
-            kind = raw.get("type")
-            obj = raw.get("object") or {}
-            if kind == "ERROR":
-                if obj.get("code") == 410:
-                    raise Gone(obj.get("message", "resource version too old"))
-                raise RuntimeError(f"watch error: {obj}")
-            version = (obj.get("metadata") or {}).get("resourceVersion") or version
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                event = pod_event(kind, obj, self.accelerators, self.clock())
-                if event is not None:
-                    batch.append(event)
-            # Bookmarks too move the checkpoint: fewer events to replay after a restart.
-            if len(batch) >= self.batch_size or (time.monotonic() - last_flush >= self.batch_delay):
-                await flush(version)
-            await self._maybe_touch()
+        events = aiter(self.pods.watch(version, self.watch_timeout))
+        following: asyncio.Future | None = None
+        try:
+            while True:
+                if following is None:
+                    following = asyncio.ensure_future(anext(events))
+                if batch:
+                    # Wait for the next event no longer than the batch may wait.
+                    left = max(0.0, self.batch_delay - (time.monotonic() - last_flush))
+                    done, _ = await asyncio.wait({following}, timeout=left)
+                    if not done:
+                        await flush(version)
+                        continue
+                try:
+                    raw = await following
+                except StopAsyncIteration:
+                    break
+                finally:
+                    following = None if following.done() else following
+                kind = raw.get("type")
+                obj = raw.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Gone(obj.get("message", "resource version too old"))
+                    raise RuntimeError(f"watch error: {obj}")
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    event = pod_event(kind, obj, self.accelerators, self.clock())
+                    if event is not None:
+                        batch.append(event)
+                # Bookmarks too move the checkpoint: fewer events to replay after a restart.
+                if len(batch) >= self.batch_size or (
+                    time.monotonic() - last_flush >= self.batch_delay
+                ):
+                    await flush(version)
+                await self._maybe_touch()
+        finally:
+            if following is not None:
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                    await following
+            with contextlib.suppress(Exception):
+                await events.aclose()
         await flush(version)
         return version
 
@@ -321,8 +356,25 @@ class KubeCollector(LoggingConfigurable):
             await self._db(self.ledger.touch, self.source_name, int(now))
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Collect until ``stop`` is set: resume, watch, resync on 410 or error."""
+        """Collect until ``stop`` is set: resume, watch, resync on 410 or error.
+
+        Setting ``stop`` ends a watch request in flight at once (a watch lasts
+        up to ``watch_timeout``): whatever was not written yet is replayed from
+        the checkpoint at the next start.
+        """
         stop = stop or asyncio.Event()
+        work = asyncio.ensure_future(self._collect(stop))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, stopped):
+                task.cancel()
+            await asyncio.gather(work, stopped, return_exceptions=True)
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()
+
+    async def _collect(self, stop: asyncio.Event) -> None:
         version = await self._db(self.ledger.checkpoint, self.source_name)
         while not stop.is_set():
             try:
