@@ -12,15 +12,28 @@
 
 PostgreSQL is a throwaway server (tests/accounting/pg.py); skipped if absent.
 Results: benchmarks/results/accounting.json.
+
+    .venv/bin/python -m benchmarks.accounting --report-intervals 10000000
+
+runs only the report latency at full scale, on SQLite and PostgreSQL: a
+ledger of that many closed intervals (500 users in 20 groups, one year,
+written in time order as a collector would) bulk-loaded through the migrated
+schema (executemany into SQLite, COPY into PostgreSQL), then four reports:
+one month of every group, one month of one group, one month of one user, one
+year of one group. Results: benchmarks/results/accounting_reports.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
+import os
 import platform
 import random
+import resource
 import tempfile
 import time
 import tracemalloc
@@ -35,6 +48,7 @@ from labfleet_hub.contract import KIND_BATCH, LABEL_GROUP, LABEL_KIND, LABEL_USE
 from sqlalchemy import text
 
 RESULTS = Path(__file__).parent / "results" / "accounting.json"
+REPORT_RESULTS = RESULTS.with_name("accounting_reports.json")
 YEAR = parse_period("2025")
 
 
@@ -117,6 +131,150 @@ def bench_reports(url, size):
     return {"ledger_intervals": size, "fill_s": round(fill_s, 1), **timings}
 
 
+@contextlib.contextmanager
+def postgres():
+    """A throwaway PostgreSQL server's URL (tests/accounting/pg.py), or the reason there is none."""
+    try:
+        from tests.accounting.pg import PostgresUnavailable, start_postgres
+        from tests.conftest import free_port
+
+        server = start_postgres(free_port())
+    except (ImportError, PostgresUnavailable) as e:
+        yield None, str(e)
+        return
+    try:
+        yield server.url, None
+    finally:
+        server.stop()
+
+
+COLUMNS = ["source", "uid", "start_s", "end_s", "last_seen_s", "user_name", "group_name", "kind",
+           "profile", "accelerator", "accelerator_kind", "accelerator_count", "gpu_fraction",
+           "cpu", "memory", "namespace", "name"]  # fmt: skip
+_ACCELERATORS = [("", "", 0, 1.0), ("a100", "gpu", 1, 1.0), ("t4", "gpu", 2, 1.0),
+                 ("mig-1g.10gb", "mig", 1, 0.142857)]  # fmt: skip
+
+
+def ledger_rows(n: int, seed: int = 10):
+    """``n`` closed intervals over one year in start order (as a collector appends them).
+
+    500 users, user ``k`` in group ``g{k % 20}``; 1 minute to 1 day long; a
+    quarter each CPU-only, A100, 2x T4 and MIG slices; interactive and batch.
+    """
+    rng = random.Random(seed)
+    span = YEAR[1] - YEAR[0] - 86400
+    for i in range(n):
+        start = YEAR[0] + i * span // n
+        end = start + rng.randrange(60, 86400)
+        user = rng.randrange(500)
+        accel, accel_kind, count, fraction = _ACCELERATORS[i & 3]
+        yield ("bench", f"uid-{i}", start, end, end, f"user{user}", f"g{user % 20}",
+               "batch" if i % 3 == 0 else "interactive", "", accel, accel_kind, count, fraction,
+               float(1 << (i % 3)), 4 << 30, "ns", f"p{i}")  # fmt: skip
+
+
+def bulk_load(engine, n: int, chunk: int = 100_000) -> None:
+    """Fill the migrated ``usage_interval`` table with ``ledger_rows(n)``, fast."""
+    raw = engine.raw_connection()
+    try:
+        connection = raw.driver_connection
+        rows = ledger_rows(n)
+        if engine.dialect.name == "postgresql":
+            columns = ", ".join(COLUMNS)
+            with connection.cursor() as cursor:
+                with cursor.copy(f"COPY usage_interval ({columns}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                cursor.execute("ANALYZE usage_interval")  # what autovacuum does after a load
+            connection.commit()
+        else:
+            sql = (f"INSERT INTO usage_interval ({', '.join(COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(COLUMNS))})")  # fmt: skip
+            while batch := list(itertools.islice(rows, chunk)):
+                connection.executemany(sql, batch)
+                connection.commit()
+    finally:
+        raw.close()
+
+
+def _rss_mib(pid: int | str = "self", field: str = "VmHWM") -> float | None:
+    """Peak (VmHWM) or current (VmRSS) resident memory of a process, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _db_size_mib(engine) -> float:
+    with engine.connect() as c:
+        if engine.dialect.name == "postgresql":
+            size = c.execute(text("SELECT pg_total_relation_size('usage_interval')")).scalar_one()
+        else:
+            size = os.path.getsize(engine.url.database)
+    return round(size / 2**20, 1)
+
+
+REPORTS = (
+    ("month_all_groups", "2025-03", Filter(), "group"),
+    ("month_one_group", "2025-03", Filter(groups=("g3",)), "user"),
+    ("month_one_user", "2025-03", Filter(users=("user7",)), "group"),
+    ("year_one_group", "2025", Filter(groups=("g3",)), "user"),
+)
+
+
+def bench_reports_bulk(url: str, size: int, runs: int = 3) -> dict:
+    """Report latency over a bulk-loaded ledger of ``size`` intervals; RSS of both ends."""
+    with contextlib.suppress(OSError):  # reset this process's VmHWM: the peak of this run only
+        Path("/proc/self/clear_refs").write_text("5")
+    engine = fresh(url)
+    t = time.perf_counter()
+    bulk_load(engine, size)
+    fill_s = time.perf_counter() - t
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM usage_interval")).scalar_one() == size
+    out = {"ledger_intervals": size, "fill_s": round(fill_s, 1),
+           "fill_per_s": round(size / fill_s), "db_mib": _db_size_mib(engine)}  # fmt: skip
+    backend = None
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as c:
+            backend = c.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    for name, period, flt, by in REPORTS:
+        start, end = parse_period(period)
+        times, rows = [], 0
+        for _ in range(runs):
+            t = time.perf_counter()
+            rows = len(summarize(query_usage(engine, start, end, flt, YEAR[1]), by))
+            times.append(time.perf_counter() - t)
+        out[name] = {"first_ms": round(times[0] * 1000, 1), "best_ms": round(min(times) * 1000, 1),
+                     "rows": rows}  # fmt: skip
+        print(f"    {name}: {out[name]}", flush=True)
+    out["bench_process_peak_rss_mib"] = _rss_mib()
+    if backend is not None:  # the pool keeps one connection: the one that ran the reports
+        out["postgres_backend_peak_rss_mib"] = _rss_mib(backend)
+    engine.dispose()
+    return out
+
+
+def main_reports(size: int) -> dict:
+    results = {"machine": platform.platform(), "python": platform.python_version(),
+               "cpus": os.cpu_count()}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"==> report latency over {size} intervals, SQLite (bulk load)", flush=True)
+        results["reports_sqlite"] = bench_reports_bulk(f"sqlite:///{tmp}/r.db", size)
+        print(results["reports_sqlite"], flush=True)
+    with postgres() as (url, why):
+        print(f"==> report latency over {size} intervals, PostgreSQL (COPY)", flush=True)
+        results["reports_postgresql"] = bench_reports_bulk(url, size) if url else {"skipped": why}
+        print(results["reports_postgresql"], flush=True)
+    results["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    REPORT_RESULTS.parent.mkdir(exist_ok=True)
+    REPORT_RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 class SyntheticPods:
     def __init__(self, n):
         self.n = n
@@ -164,26 +322,25 @@ def main(argv=None):
     parser.add_argument("--intervals", type=int, default=20000)
     parser.add_argument("--ledger", type=int, default=1_000_000)
     parser.add_argument("--pods", type=int, default=20000)
+    parser.add_argument(
+        "--report-intervals",
+        type=int,
+        default=None,
+        help="only report latency, over a bulk-loaded ledger of this many intervals, "
+        "on SQLite and PostgreSQL (e.g. 10000000)",
+    )
     args = parser.parse_args(argv)
+    if args.report_intervals:
+        return main_reports(args.report_intervals)
     results = {"machine": platform.platform(), "python": platform.python_version()}
     events = synthetic(args.intervals)
     with tempfile.TemporaryDirectory() as tmp:
         print("==> ingestion, SQLite", flush=True)
         results["ingest_sqlite"] = bench_ingest(f"sqlite:///{tmp}/i.db", events)
         print(results["ingest_sqlite"], flush=True)
-        try:
-            from tests.accounting.pg import PostgresUnavailable, start_postgres
-            from tests.conftest import free_port
-
-            server = start_postgres(free_port())
-        except (ImportError, PostgresUnavailable) as e:
-            results["ingest_postgresql"] = {"skipped": str(e)}
-        else:
-            try:
-                print("==> ingestion, PostgreSQL", flush=True)
-                results["ingest_postgresql"] = bench_ingest(server.url, events)
-            finally:
-                server.stop()
+        with postgres() as (url, why):
+            print("==> ingestion, PostgreSQL", flush=True)
+            results["ingest_postgresql"] = bench_ingest(url, events) if url else {"skipped": why}
         print(results["ingest_postgresql"], flush=True)
         print(f"==> report latency over {args.ledger} intervals (SQLite)", flush=True)
         results["reports_sqlite"] = bench_reports(f"sqlite:///{tmp}/r.db", args.ledger)

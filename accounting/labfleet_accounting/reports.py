@@ -161,14 +161,17 @@ def summarize(rows: Iterable[Mapping], by: str = "user", weights: Weights | None
     for row in rows:
         name = row["user_name"] if by == "user" else row["group_name"]
         per = out.setdefault(name, {})
+        # PostgreSQL sums integers as numeric (Decimal in Python): floats from here on.
+        seconds, device_seconds = float(row["seconds"]), float(row["device_seconds"])
+        cpu_seconds, byte_seconds = float(row["cpu_seconds"]), float(row["memory_byte_seconds"])
         for bucket in (row["kind"], "total"):
             acc = per.setdefault(bucket, _empty())
-            acc["wall_hours"] += row["seconds"] / 3600
-            acc["cpu_core_hours"] += row["cpu_seconds"] / 3600
-            acc["memory_gb_hours"] += row["memory_byte_seconds"] / GB / 3600
-            acc["intervals"] += row["intervals"]
+            acc["wall_hours"] += seconds / 3600
+            acc["cpu_core_hours"] += cpu_seconds / 3600
+            acc["memory_gb_hours"] += byte_seconds / GB / 3600
+            acc["intervals"] += int(row["intervals"])
             kind, model = row["accelerator_kind"], row["accelerator"]
-            device_hours = row["device_seconds"] / 3600
+            device_hours = device_seconds / 3600
             if kind in ("gpu", "mig"):
                 hours = device_hours * weights.gpu_weight(model, kind, row["gpu_fraction"])
                 acc["gpu_hours"][model] = acc["gpu_hours"].get(model, 0.0) + hours
