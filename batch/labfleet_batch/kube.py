@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from labfleet_hub import contract
 from labfleet_spawner.catalogue import Catalogue
+from labfleet_spawner.kueue import pending_in_order
 
 from . import jobs as jobbuilder
 from .model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, LogsUnavailable
@@ -352,21 +353,7 @@ class KubeBackend:
                         }
             except KubeError as e:
                 log.warning("visibility API %s failed: %s", version, e)
-        pending = [
-            wl
-            for wl in workloads
-            if (wl.get("spec") or {}).get("queueName") == lq
-            and not _true(wl, "QuotaReserved")
-            and not _true(wl, "Finished")
-        ]
-        pending.sort(
-            key=lambda wl: (
-                -((wl.get("spec") or {}).get("priority") or 0),
-                wl["metadata"].get("creationTimestamp", ""),
-                wl["metadata"]["name"],
-            )
-        )
-        names = [wl["metadata"]["name"] for wl in pending]
+        names = [wl["metadata"]["name"] for wl in pending_in_order(workloads, lq)]
         name = workload["metadata"]["name"]
         return {
             "position": names.index(name) + 1 if name in names else None,

@@ -43,6 +43,7 @@ from . import objects
 from .availability import ClusterWatch
 from .base import CatalogueSpawnerMixin
 from .catalogue import Selection
+from .kueue import condition_true, pending_in_order
 from .storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 
 #: Traits labfleet sets from the selection on every start, merged with what an
@@ -106,13 +107,6 @@ def position_from_visibility(pending: dict, pod: dict) -> int | None:
     return None
 
 
-def _true(obj: dict, kind: str) -> bool:
-    return any(
-        c.get("type") == kind and c.get("status") == "True"
-        for c in (obj.get("status") or {}).get("conditions") or []
-    )
-
-
 def position_from_workloads(workloads: list[dict], pod: dict) -> int | None:
     """0-based place of ``pod``'s Workload among the pending Workloads of its LocalQueue.
 
@@ -121,23 +115,9 @@ def position_from_workloads(workloads: list[dict], pod: dict) -> int | None:
     of the ClusterQueue and to workloads that cannot fit at all.
     """
     mine = next((wl for wl in workloads if _owned_by(wl, pod)), None)
-    if mine is None or _true(mine, "QuotaReserved"):
+    if mine is None or condition_true(mine, "QuotaReserved"):
         return None
-    queue = (mine.get("spec") or {}).get("queueName")
-    pending = [
-        wl
-        for wl in workloads
-        if (wl.get("spec") or {}).get("queueName") == queue
-        and not _true(wl, "QuotaReserved")
-        and not _true(wl, "Finished")
-    ]
-    pending.sort(
-        key=lambda wl: (
-            -((wl.get("spec") or {}).get("priority") or 0),
-            (wl.get("metadata") or {}).get("creationTimestamp") or "",
-            (wl.get("metadata") or {}).get("name") or "",
-        )
-    )
+    pending = pending_in_order(workloads, (mine.get("spec") or {}).get("queueName"))
     return pending.index(mine)
 
 
