@@ -239,12 +239,14 @@ def series_svg(series: list[dict], metric: str = "gpu_hours", width=640, height=
     pad_l, pad_b, pad_t = 48, 24, 12
     plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
     totals = [p[f"{metric}_interactive"] + p[f"{metric}_batch"] for p in series] or [0]
-    top = max(max(totals), 1e-9)
+    # the scale is the largest bar; an empty period draws an empty chart on 0..1
+    top = max(totals) or 1.0
     bar_w = plot_w / max(len(series), 1)
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 14}" '
         f'role="img" aria-label="{metric} per period">',
-        f'<text x="4" y="{pad_t + 8}" font-size="10">{top:.1f}</text>',
+        # three significant digits: a short session is 0.00417 h, not "0.0"
+        f'<text x="4" y="{pad_t + 8}" font-size="10">{top:.3g}</text>',
         f'<text x="4" y="{pad_t + plot_h}" font-size="10">0</text>',
         f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 8}" y2="{pad_t + plot_h}" '
         'stroke="#888"/>',
@@ -261,7 +263,17 @@ def series_svg(series: list[dict], metric: str = "gpu_hours", width=640, height=
             parts.append(
                 f'<rect class="{kind}" x="{x + 1:.1f}" y="{base:.1f}" width="{w:.1f}" '
                 f'height="{h:.1f}" fill="{colour}">'
-                f"<title>{label} {kind}: {value:.2f}</title></rect>"
+                f"<title>{label} {kind}: {value:.3g}</title></rect>"
+            )
+    # about five dates along the axis, the last period always
+    step = max(1, round(len(series) / 5))
+    for i, point in enumerate(series):
+        if i % step == 0 or i == len(series) - 1:
+            x = pad_l + i * bar_w + bar_w / 2
+            day = datetime.fromtimestamp(point["start"], UTC).strftime("%m-%d")
+            parts.append(
+                f'<text x="{x:.1f}" y="{pad_t + plot_h + 14}" font-size="10" '
+                f'text-anchor="middle">{day}</text>'
             )
     parts.append("</svg>")
     return "".join(parts)

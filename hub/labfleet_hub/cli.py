@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
-from .procs import die_with_parent
+from .procs import die_with_parent, port_in_use
 
 CHP_VERSION = "5.3.0"
 DEFAULT_CONFIG = "config/labfleet.yaml"
@@ -119,9 +119,19 @@ def cmd_up(args) -> int:
     except ConfigError as e:
         print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
         return 1
+    hub = values["hub"]
+    wanted = [(hub["ip"], hub["port"]), ("127.0.0.1", hub["hub_port"]),
+              ("127.0.0.1", values["proxy"]["api_port"])]  # fmt: skip
+    busy = [port for host, port in wanted if port_in_use(host, port)]
+    if busy:
+        print(
+            f"labfleet: port(s) {', '.join(map(str, busy))} already in use: "
+            "is another labfleet (or JupyterHub) running, or still stopping?",
+            file=sys.stderr,
+        )
+        return 1
     ensure_secrets(values)
     values = with_secrets(values)
-    hub = values["hub"]
     state_dir = Path(hub["state_dir"])
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

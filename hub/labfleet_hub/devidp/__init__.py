@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from labfleet_hub.procs import die_with_parent
+from labfleet_hub.procs import die_with_parent, port_in_use
 
 __all__ = [
     "BANNER",
@@ -463,6 +463,11 @@ def start(
     """
     if port is None:
         port = free_port(host)
+    elif port_in_use(host, port):
+        raise DevIdPError(
+            f"port {port} on {host} is already in use (a previous identity provider still "
+            "stopping, or another program); stop it or choose another devidp.port"
+        )
     url_host = f"[{host}]" if ":" in host else host
     issuer = (issuer or f"http://{url_host}:{port}").rstrip("/")
     accounts_path = Path(accounts_path).resolve()
