@@ -453,6 +453,12 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
             env["LABFLEET_CPU_LIMIT"] = str(self.cpu_limit)
         if self.mem_limit:
             env["LABFLEET_MEM_LIMIT"] = str(self.mem_limit)
+        # the server's own environment first on PATH, so the terminal and `!labfleet-batch`
+        # find the tools installed beside jupyterhub-singleuser (the hub's PATH may not)
+        if self.cmd and os.path.isabs(self.cmd[0]):
+            bindir = os.path.dirname(self.cmd[0])
+            rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p != bindir]
+            env["PATH"] = os.pathsep.join([bindir, *rest])
         env, dropped = filter_secret_env(
             env, self.env_secret_pattern, self.env_secret_allowed, self.secret_values()
         )

@@ -136,6 +136,13 @@ async def test_cpu_profile_hides_all_gpus_and_publishes_limits(tmp_path):
     assert env["LABFLEET_CPU_LIMIT"] == "4.0"
 
 
+async def test_server_environment_comes_first_on_path(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4(), cmd=["/opt/env/bin/jupyterhub-singleuser"])
+    spawner.apply_selection({"profile": "cpu"})
+    path = spawner.get_env()["PATH"].split(":")
+    assert path[0] == "/opt/env/bin" and path.count("/opt/env/bin") == 1
+
+
 async def test_refused_allocation_starts_nothing_and_holds_nothing(tmp_path):
     allocator = two_t4()
     allocator.allocate("bob/", CATALOGUE.accelerators["t4"], 2)
