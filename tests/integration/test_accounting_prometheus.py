@@ -168,9 +168,11 @@ def test_prometheus_scrapes_accounting_and_gpu_metrics(stack):
 
     def scraped():
         jobs = up()
-        return jobs if jobs.get("accounting") == "1" and jobs.get("gpu") == "1" else None
+        # every job scraped at least once: targets are scraped independently
+        done = jobs.get("accounting") == "1" and jobs.get("gpu") == "1"
+        return jobs if done and "accounting-no-token" in jobs else None
 
-    jobs = wait_until("scrapes with the token succeed", scraped, timeout=60)
+    jobs = wait_until("every target scraped, with the token successfully", scraped, timeout=60)
     assert jobs["accounting-no-token"] == "0", (tmp / "service.log").read_text()[-2000:]
 
     [devices] = wait_until(
