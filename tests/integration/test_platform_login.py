@@ -52,8 +52,13 @@ def stop_server(platform, page, username):
 def api_token(page, platform) -> str:
     """A token requested the way a user does it: the hub's token page."""
     page.goto(f"{platform.url}/hub/token")
+    # JupyterHub sets this flag once its page scripts are wired (the form is JS-driven)
+    page.wait_for_function("window._jupyterhub_page_loaded === true")
     page.click("#request-token-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#token-result').innerText.trim().length > 0")
+    page.wait_for_function(
+        "(() => { const e = document.querySelector('#token-result');"
+        " return e !== null && e.innerText.trim().length > 0; })()"
+    )
     token = page.locator("#token-result").inner_text().strip()
     assert re.fullmatch(r"[0-9a-f]{32,}", token), token
     return token
