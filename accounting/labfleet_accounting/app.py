@@ -281,6 +281,9 @@ def _service_port() -> int | None:
 
 
 def main(argv=None) -> int:
+    from labfleet_hub.procs import die_with_hub
+
+    die_with_hub()
     AccountingApp.launch_instance(argv)
     return 0
 

@@ -483,6 +483,9 @@ class BatchService(Application):
 
 
 def main(argv=None):
+    from labfleet_hub.procs import die_with_hub
+
+    die_with_hub()
     BatchService.launch_instance(argv)
 
 

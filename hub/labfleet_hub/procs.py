@@ -19,6 +19,10 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal
+    # stays ignored across exec: JupyterHub then cannot interrupt its services
+    # and waits out its timeouts (30 s) at every shutdown. Restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -33,3 +37,19 @@ def port_in_use(host: str, port: int) -> bool:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.settimeout(1)
         return probe.connect_ex((host, port)) == 0
+
+
+def die_with_hub() -> None:
+    """For a hub-managed service: stop when the hub that started it dies.
+
+    JupyterHub stops its managed services when it shuts down cleanly; a hub
+    that is killed cannot, and the service would keep its port. Only applies
+    when started by the hub (``JUPYTERHUB_SERVICE_NAME`` set), so a service
+    run by hand or in a container keeps its ordinary lifetime.
+    """
+    import os
+
+    if os.environ.get("JUPYTERHUB_SERVICE_NAME"):
+        die_with_parent()
+        # the hub stops its services with SIGINT first: make it interrupt us
+        signal.signal(signal.SIGINT, signal.default_int_handler)
