@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from labfleet_accounting.ledger import Ledger
 from labfleet_accounting.records import Usage
 
 from tests.conftest import free_port
+
+from .conftest import stop_platform
 
 PROMETHEUS = "/usr/bin/prometheus"
 TOKEN = "scrape-token-for-tests"
@@ -62,16 +63,6 @@ def spawn(args, log: Path, env=None) -> subprocess.Popen:
         start_new_session=True,
         env={**os.environ, **(env or {})},
     )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def seed(url: str, now: int) -> None:
@@ -151,7 +142,7 @@ def stack(tmp_path):
         yield f"http://127.0.0.1:{prom_port}", now, tmp_path
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_platform(process)  # the same process-group stop as the platform's
     for process in processes:
         assert process.poll() is not None
         # nothing left behind in the process groups either
