@@ -339,9 +339,25 @@ async def test_availability_follows_spawns_stops_and_batch_pods(kube, namespace)
         pods = kube.kubectl_json("get", "pods", "-A")["items"]
         return compute_availability(nodes, pods, CATALOGUE, ["users", "ml"])
 
+    def watch_matches_api():
+        # The watch is eventually consistent: pods of earlier tests may still be
+        # terminating, so compare once the cluster is quiet and the watch caught up.
+        pods = kube.kubectl_json("get", "pods", "-A")["items"]
+        leaving = {
+            ns["metadata"]["name"]
+            for ns in kube.kubectl_json("get", "namespaces")["items"]
+            if ns["status"].get("phase") == "Terminating"
+        }
+        if any(
+            p["metadata"].get("deletionTimestamp") or p["metadata"]["namespace"] in leaving
+            for p in pods
+        ):
+            return None
+        api = from_api()
+        return api if spawner.availability() == api else None
+
     spawner = choose(make_spawner(namespace), profile="gpu-t4", count=2)
-    before = await eventually("the first lists", lambda: spawner.availability())
-    assert before == from_api()
+    before = await eventually("the watch to match the API", watch_matches_api)
     free, total = before["t4"]
     assert total == 8
 
@@ -356,14 +372,14 @@ async def test_availability_follows_spawns_stops_and_batch_pods(kube, namespace)
             "batch pod in another namespace counted",
             lambda: spawner.availability()["t4"] == (free - 5, 8),
         )
-        assert spawner.availability() == from_api()
+        await eventually("the watch to match the API", watch_matches_api)
 
         await spawner.stop(now=True)
         await eventually("notebook released", lambda: spawner.availability()["t4"] == (free - 3, 8))
         # a finished batch pod holds nothing any more
         kube.kubectl("annotate", "pod", "train", "-n", other, "labfleet.io/fake-complete-after=0s")
         await eventually("batch pod finished", lambda: spawner.availability()["t4"] == (free, 8))
-        assert spawner.availability() == from_api()
+        await eventually("the watch to match the API", watch_matches_api)
     finally:
         kube.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
