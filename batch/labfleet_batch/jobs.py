@@ -100,6 +100,8 @@ class JobContext:
     queue: str
     priority_class: str
     storage: podspec.PodStorage = field(default_factory=podspec.PodStorage)
+    # the owner's notebook ids; None: the storage's fixed identity
+    ids: podspec.PosixIds | None = None
     kind_tolerations: dict | None = None
     # CPU jobs are kept off accelerator nodes (as notebooks are) when it is known
     catalogue: Catalogue | None = None
@@ -149,7 +151,7 @@ def make_job(request: BatchRequest, ctx: JobContext, job_name: str) -> dict:
     volumes, mounts = podspec.storage_volumes(
         ctx.storage, ctx.user, request.group, shm=selection.size.shm
     )
-    pod_sc, container_sc = podspec.security_context(ctx.storage)
+    pod_sc, container_sc = podspec.security_context(ctx.storage, ctx.ids)
     labels, annotations = job_metadata(request, ctx)
     queue_labels = {
         contract.KUEUE_QUEUE_LABEL: ctx.queue,

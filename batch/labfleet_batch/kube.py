@@ -24,12 +24,14 @@ from typing import Any
 from urllib.parse import quote
 
 from labfleet_hub import contract
+from labfleet_hub.posix_ids import HubIds
 from labfleet_spawner.catalogue import Catalogue
 from labfleet_spawner.kueue import pending_in_order
+from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 
 from . import jobs as jobbuilder
 from .model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, LogsUnavailable
-from .podspec import PodStorage
+from .podspec import PodStorage, posix_ids
 from .queues import QueueConfig
 from .validation import BatchRequest
 
@@ -234,11 +236,18 @@ class KubeBackend:
         storage: PodStorage | None = None,
         visibility_retry: float = 300,
         catalogue: Catalogue | None = None,
+        hub_ids: HubIds | None = None,
+        uid_base: int = DEFAULT_UID_BASE,
+        gid_base: int = DEFAULT_GID_BASE,
     ):
         self.api = api
         self.catalogue = catalogue
         self.config = config
         self.storage = storage or PodStorage()
+        # With the hub's ids a Job runs as its owner's notebook (see podspec.PosixIds);
+        # without, every Job runs as the storage's one configured identity.
+        self.hub_ids = hub_ids
+        self.uid_base, self.gid_base = uid_base, gid_base
         self.visibility_retry = visibility_retry
         # None: not probed yet; "": none served (until _visibility_checked + retry)
         self._visibility: str | None = None
@@ -254,12 +263,17 @@ class KubeBackend:
             if request.offload
             else self.config.local_queue(request.group)
         )
+        ids = None
+        if self.hub_ids is not None:
+            user_id, group_ids = await self.hub_ids(user)
+            ids = posix_ids(user_id, group_ids, request.group, self.uid_base, self.gid_base)
         ctx = jobbuilder.JobContext(
             user=user,
             namespace=self._ns(request.group),
             queue=queue,
             priority_class=self.config.priority_class(request.priority),
             storage=self.storage,
+            ids=ids,
             kind_tolerations=self.config.kind_tolerations,
             catalogue=self.catalogue,
         )

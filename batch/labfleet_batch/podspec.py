@@ -9,6 +9,7 @@ differs on purpose or ``objects`` has no function for it:
 
 - :class:`PodStorage`: the service's configuration (one shared volume and the
   mount points), turned into ``objects.StorageOptions``;
+- :class:`PosixIds`: the notebook's uid/gids for a Job, from the hub's ids;
 - the mounts: one group folder (the group charged), not all of the user's
   groups, and ``envs`` always read-only;
 - ``HOME`` in the environment (the notebook gets it from its image);
@@ -30,6 +31,7 @@ from kubespawner.slugs import is_valid_label, safe_slug
 from labfleet_hub import contract
 from labfleet_spawner import objects
 from labfleet_spawner.catalogue import Catalogue, Selection
+from labfleet_spawner.storage import check_id_ranges, mapped_gid, mapped_uid
 
 #: Tolerations every accelerator kind needs for the taints of its nodes: the spawner's.
 DEFAULT_KIND_TOLERATIONS: dict[str, tuple[dict, ...]] = {
@@ -54,10 +56,14 @@ class PodStorage:
     volume: dict = field(
         default_factory=lambda: {"persistentVolumeClaim": {"claimName": "labfleet-shared"}}
     )
-    home_mount: str = "/home/jovyan"
-    groups_mount: str = "/srv/groups"
-    public_mount: str = "/srv/public"
-    envs_mount: str = "/srv/envs"
+    # the notebook's mount points (objects.StorageOptions), so paths in a
+    # notebook's code mean the same in its Jobs
+    home_mount: str = objects.StorageOptions.home_path
+    groups_mount: str = objects.StorageOptions.groups_path
+    public_mount: str = objects.StorageOptions.public_path
+    envs_mount: str = objects.StorageOptions.envs_path
+    # Used only when the hub's ids are not looked up (see PosixIds): then every
+    # Job runs as this one non-root identity.
     run_as_uid: int = 1000
     run_as_gid: int = 100
     # a supplementary group of the job's process (not fsGroup: on a shared
@@ -94,12 +100,41 @@ def storage_env(storage: PodStorage, group: str) -> dict[str, str]:
     return {"HOME": storage.home_mount, **objects.storage_env(storage.options(), [group])}
 
 
-def security_context(storage: PodStorage) -> tuple[dict, dict]:
-    """``(pod securityContext, container securityContext)``: the notebook's, non-root."""
-    supplemental = [storage.fs_group] if storage.fs_group else []
+@dataclass(frozen=True)
+class PosixIds:
+    """The ids a user's notebook runs with: uid, private gid, the group's gid."""
+
+    uid: int
+    gid: int
+    supplemental: tuple[int, ...] = ()
+
+
+def posix_ids(
+    user_id: int, group_ids: Mapping[str, int], group: str, uid_base: int, gid_base: int
+) -> PosixIds:
+    """The notebook's ids (see labfleet_hub.posix_ids) for a Job charged to ``group``.
+
+    Only the charged group's gid is added: a Job reaches that group's folder,
+    not every folder its owner could open from a notebook.
+    """
+    check_id_ranges(uid_base, gid_base, user_id, group_ids.values())
+    uid = mapped_uid(user_id, uid_base)
+    gids = (mapped_gid(group_ids[group], gid_base),) if group in group_ids else ()
+    return PosixIds(uid, uid, gids)
+
+
+def security_context(storage: PodStorage, ids: PosixIds | None = None) -> tuple[dict, dict]:
+    """``(pod securityContext, container securityContext)``: the notebook's, non-root.
+
+    With ``ids`` the Job runs exactly as its owner's notebook; without, as the
+    storage's configured identity.
+    """
+    if ids is None:
+        supplemental = [storage.fs_group] if storage.fs_group else []
+        ids = PosixIds(storage.run_as_uid, storage.run_as_gid, tuple(supplemental))
     return (
-        objects.pod_security_context(storage.run_as_uid, storage.run_as_gid, supplemental),
-        objects.container_security_context(storage.run_as_uid, storage.run_as_gid),
+        objects.pod_security_context(ids.uid, ids.gid, list(ids.supplemental)),
+        objects.container_security_context(ids.uid, ids.gid),
     )
 
 

@@ -30,7 +30,9 @@ from urllib.parse import urlparse
 import yaml
 from jupyterhub.services.auth import HubAuth, check_scopes
 from jupyterhub.utils import url_path_join
+from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 from labfleet_spawner.catalogue import Catalogue, load_catalogue
+from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 from tornado import httpserver, web
 from tornado.ioloop import IOLoop
 from traitlets import Bool, Dict, Enum, Float, Instance, Integer, Unicode, default
@@ -192,7 +194,11 @@ class JobsHandler(BaseHandler):
         except RequestError as e:
             raise web.HTTPError(400, "%s", str(e)) from None
         decision = await self.check_budget(request)
-        record = await self.ctx.backend.submit(request, self.caller.name)
+        try:
+            record = await self.ctx.backend.submit(request, self.caller.name)
+        except HubIdsUnavailable as e:
+            # nothing was created: the Job would otherwise run as the wrong user
+            raise web.HTTPError(503, "%s", str(e)) from None
         log.info(
             "%s submitted %s (%s)", self.caller.name, record.id, request.selection.profile.name
         )
@@ -362,8 +368,26 @@ class BatchService(Application):
         help="""Local backend: the hub's SQLite database, read-only, for the user and group
         ids that give jobs the same uid/gids as notebooks. Empty: jobs run as the service.""",
     )
-    uid_base = Integer(200000, config=True, help="Local backend: as LocalGPUSpawner.uid_base.")
-    gid_base = Integer(300000, config=True, help="Local backend: as LocalGPUSpawner.gid_base.")
+    uid_base = Integer(
+        DEFAULT_UID_BASE,
+        config=True,
+        help="""A Job runs as uid ``uid_base + <hub user id>``, as the user's notebook: set
+        it to the spawner's ``uid_base`` (LocalGPUSpawner or PlatformKubeSpawner).""",
+    )
+    gid_base = Integer(
+        DEFAULT_GID_BASE,
+        config=True,
+        help="A Job's group folder is gid ``gid_base + <hub group id>``, as the spawner's.",
+    )
+    job_ids_from_hub = Bool(
+        False,
+        config=True,
+        help="""Kubernetes backend: run each Job with its owner's notebook ids (``uid_base`` +
+        hub user id, the charged group's gid), read from the hub's
+        ``/hub/api/labfleet/posix-ids/<user>`` with this service's token (needs the
+        scope ``custom:labfleet:posix-ids``). Off: every Job runs as ``pod_storage``'s
+        ``run_as_uid``/``run_as_gid``.""",
+    )
     fpga_devices = Dict(
         {}, config=True, help="Local backend: FPGA boards per accelerator, as the spawner's."
     )
@@ -442,8 +466,17 @@ class BatchService(Application):
             from .podspec import PodStorage
 
             api_client = await make_api_client(self.kubeconfig)
+            hub_ids = None
+            if self.job_ids_from_hub:
+                hub_ids = hub_api_ids(self.hub_auth.api_url, self.hub_auth.api_token)
             return KubeBackend(
-                KubeAPI(api_client), config, PodStorage(**self.pod_storage), catalogue=catalogue
+                KubeAPI(api_client),
+                config,
+                PodStorage(**self.pod_storage),
+                catalogue=catalogue,
+                hub_ids=hub_ids,
+                uid_base=self.uid_base,
+                gid_base=self.gid_base,
             )
         from labfleet_spawner.devices import DeviceAllocator
         from labfleet_spawner.nvml import discover

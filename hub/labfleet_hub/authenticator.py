@@ -306,7 +306,10 @@ class IAMAuthenticator(GenericOAuthenticator):
             from .tokens import IAMTokenHandler
 
             handlers.append((r"/api/labfleet/iam-token/([^/]+)", IAMTokenHandler))
-        return handlers
+        # services that act as a user's notebook (batch Jobs) read its uid/gids here
+        from .posix_ids import HANDLERS as POSIX_IDS_HANDLERS
+
+        return [*handlers, *POSIX_IDS_HANDLERS]
 
     async def pre_spawn_start(self, user, spawner):
         """Never hand the client secret to a notebook, whatever env_keep says."""

@@ -30,7 +30,10 @@ import jsonschema
 import yaml
 from labfleet_accounting.spool import SpoolHook
 from labfleet_spawner.catalogue import CatalogueError, load_catalogue
+from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 
+from .posix_ids import CUSTOM_SCOPES as POSIX_IDS_SCOPES
+from .posix_ids import POSIX_IDS_SCOPE
 from .tokens import CUSTOM_SCOPES, IAM_TOKEN_SCOPE
 
 DEFAULTS: dict[str, Any] = {
@@ -289,7 +292,7 @@ def apply_config(values: dict, c) -> None:
     c.CryptKeeper.keys = [values["secrets"]["crypt_key"].encode()]
 
     # notebooks may fetch a fresh IAM token for their own user, nothing more
-    c.JupyterHub.custom_scopes = CUSTOM_SCOPES
+    c.JupyterHub.custom_scopes = {**CUSTOM_SCOPES, **POSIX_IDS_SCOPES}
     c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", f"{IAM_TOKEN_SCOPE}!user"]}]
     c.Spawner.server_token_scopes = [
         "access:servers!server",
@@ -318,11 +321,9 @@ def apply_config(values: dict, c) -> None:
             s.storage_capacity = kube["home_capacity"]
         if "storage_class" in kube:
             s.storage_class = kube["storage_class"]
-        # shared_volume (any volume source) wins over the shorthand shared_claim
-        if "shared_volume" in kube:
-            s.shared_volume = dict(kube["shared_volume"])
-        elif "shared_claim" in kube:
-            s.shared_volume = {"persistentVolumeClaim": {"claimName": kube["shared_claim"]}}
+        volume = kube_shared_volume(kube)
+        if volume is not None:
+            s.shared_volume = volume
         for key, trait in (
             ("envs_writer_group", "envs_writer_group"),
             ("uid_base", "uid_base"),
@@ -409,6 +410,16 @@ def apply_accounting(values: dict, c) -> None:
     getattr(c, spawner_class_name(values)).budget_db_url = acc["db_url"]
 
 
+def kube_shared_volume(kube: dict) -> dict | None:
+    """The shared filesystem's volume source from ``spawner.kubernetes``, or None if unset."""
+    # shared_volume (any volume source) wins over the shorthand shared_claim
+    if "shared_volume" in kube:
+        return dict(kube["shared_volume"])
+    if "shared_claim" in kube:
+        return {"persistentVolumeClaim": {"claimName": kube["shared_claim"]}}
+    return None
+
+
 BATCH_SERVICE = "batch"
 
 
@@ -444,7 +455,18 @@ def batch_command(values: dict) -> list[str]:
         if spawner["isolate_users"] != "no" and hub["db_url"].startswith("sqlite:///"):
             command.append(f"--BatchService.hub_db_path={hub['db_url'][len('sqlite:///') :]}")
     else:
-        command.append("--BatchService.backend=kubernetes")
+        # Jobs run as their owner's notebook: same ids (read from the hub), same volume
+        kube = spawner.get("kubernetes", {})
+        command += [
+            "--BatchService.backend=kubernetes",
+            "--BatchService.job_ids_from_hub=True",
+            f"--BatchService.uid_base={kube.get('uid_base', DEFAULT_UID_BASE)}",
+            f"--BatchService.gid_base={kube.get('gid_base', DEFAULT_GID_BASE)}",
+        ]
+        volume = kube_shared_volume(kube)
+        if volume is not None:
+            pod_storage = {"volume": volume}
+            command.append(f"--BatchService.pod_storage={pod_storage!r}")
     if batch["budgets"]["enabled"]:
         command += [
             f"--BatchService.budget_db_url={values['accounting']['db_url']}",
@@ -480,6 +502,10 @@ def apply_batch(values: dict, c) -> None:
         user_role = {"name": "user", "scopes": ["self"]}
         roles.append(user_role)
     user_role["scopes"] = [*user_role["scopes"], access]
+    # the service reads users' hub ids to run Jobs as their notebooks (posix_ids)
+    roles.append(
+        {"name": "labfleet-batch", "scopes": [POSIX_IDS_SCOPE], "services": [BATCH_SERVICE]}
+    )
     c.JupyterHub.load_roles = roles
     scopes = list(c.Spawner.server_token_scopes if "server_token_scopes" in c.Spawner else [])
     c.Spawner.server_token_scopes = [*scopes, access]

@@ -32,20 +32,25 @@ CUSTOM_SCOPES = {
 }
 
 
+def require_user_scope(handler: APIHandler, scope: str, user_name: str, action: str) -> None:
+    """403 unless the request's token holds ``scope`` for ``user_name``.
+
+    Checked in the handler, not with ``@needs_scope``: custom scopes only exist
+    once the hub has started, after this module is imported.
+    """
+    if handler.current_user is None:
+        raise web.HTTPError(403, "authentication required")
+    if not has_scope(f"{scope}!user={user_name}", handler.parsed_scopes, db=handler.db):
+        raise web.HTTPError(
+            403, f"this token may not {action} {user_name} (needs scope {scope}!user={user_name})"
+        )
+
+
 class IAMTokenHandler(APIHandler):
     """``GET /hub/api/labfleet/iam-token/<user>``: a fresh access token as JSON."""
 
     async def get(self, user_name):
-        # checked here, not with @needs_scope: custom scopes only exist once the
-        # hub has started, after this module is imported
-        if self.current_user is None:
-            raise web.HTTPError(403, "authentication required")
-        if not has_scope(f"{IAM_TOKEN_SCOPE}!user={user_name}", self.parsed_scopes, db=self.db):
-            raise web.HTTPError(
-                403,
-                f"this token may not obtain IAM tokens for {user_name} "
-                f"(needs scope {IAM_TOKEN_SCOPE}!user={user_name})",
-            )
+        require_user_scope(self, IAM_TOKEN_SCOPE, user_name, "obtain IAM tokens for")
         user = self.find_user(user_name)
         if user is None:
             raise web.HTTPError(404)

@@ -1,8 +1,9 @@
 """A real JupyterHub for batch-service tests, and the service run in-process on loopback.
 
-The hub (jupyterhub + configurable-http-proxy, DummyAuthenticator) registers two
-services: ``batch`` (the service under test, authenticated through HubAuth
-with its API token) and ``provisioner`` (creates users, groups and user tokens
+The hub (jupyterhub + configurable-http-proxy, DummyAuthenticator serving
+labfleet's hub-ids endpoint) registers two services: ``batch`` (the service
+under test, authenticated through HubAuth with its API token, allowed to read
+users' hub ids as in the platform) and ``provisioner`` (creates users, groups and user tokens
 through the hub REST API). Users' tokens are real hub tokens from
 ``POST /hub/api/users/<name>/tokens``.
 """
@@ -38,7 +39,19 @@ c.JupyterHub.hub_port = {hub_port}
 c.JupyterHub.db_url = "sqlite:///{state}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "{state}/cookie_secret"
 c.JupyterHub.pid_file = "{state}/jupyterhub.pid"
-c.JupyterHub.authenticator_class = "dummy"
+from jupyterhub.auth import DummyAuthenticator
+from labfleet_hub import posix_ids
+
+
+class IdsAuthenticator(DummyAuthenticator):
+    # serves the hub ids endpoint, as labfleet's IAMAuthenticator does
+
+    def get_handlers(self, app):
+        return [*super().get_handlers(app), *posix_ids.HANDLERS]
+
+
+c.JupyterHub.authenticator_class = IdsAuthenticator
+c.JupyterHub.custom_scopes = posix_ids.CUSTOM_SCOPES
 c.Authenticator.allow_all = True
 c.ConfigurableHTTPProxy.command = ["{chp}"]
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api}"
@@ -50,6 +63,7 @@ c.JupyterHub.services = [
 ]
 c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", "{batch_scope}"]}},
+    {{"name": "batch-ids", "scopes": [posix_ids.POSIX_IDS_SCOPE], "services": ["batch"]}},
     {{
         "name": "provisioner",
         "scopes": ["admin:users", "admin:groups", "tokens", "read:users"],

@@ -12,8 +12,8 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -19,11 +19,14 @@ import pytest
 from k8s_helpers import wait_for
 from kubernetes_asyncio import client as k8s
 from labfleet_batch.kube import KubeAPI, KubeBackend, KubeError
+from labfleet_batch.local import sqlite_hub_ids
 from labfleet_batch.podspec import PodStorage
 from labfleet_batch.queues import parse_queue_config, sync_queues
 from labfleet_batch.rbac import rbac_objects
 from labfleet_hub import contract
+from labfleet_hub.posix_ids import hub_api_ids
 from labfleet_spawner.catalogue import load_catalogue
+from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 
 from tests.batch.conftest import hub  # noqa: F401  (session fixture: a real JupyterHub)
 from tests.batch.harness import cross_tenant_matrix, make_context, running_service
@@ -73,7 +76,13 @@ class Env:
         self.cluster.apply(rbac_objects(self.config, sa, SA_NAMESPACE))
         token = self.cluster.kubectl("create", "token", sa, "-n", SA_NAMESPACE).stdout.strip()
         self.sa_client = api_client(self.cluster, token)
-        self.backend = KubeBackend(KubeAPI(self.sa_client), self.config, STORAGE)
+        # Jobs run as their owners' notebooks: ids read from the real hub (posix_ids)
+        self.backend = KubeBackend(
+            KubeAPI(self.sa_client),
+            self.config,
+            STORAGE,
+            hub_ids=hub_api_ids(self.hub.url, self.hub.batch_token),
+        )
         for group in self.names:
             lq = self.config.local_queue(self.names[group])
             wait_for(
@@ -165,6 +174,12 @@ async def test_submit_to_admitted_job_on_the_right_flavor(k8s_cluster, hub):  # 
         assert body["queue"]["flavors"]["cpu"] == env.config.default_flavor()
         pod = wait_for("a running pod", lambda: env.pod_of("ml", name), 30)
         assert pod["spec"]["nodeName"] == "gpu-t4-01"
+        # alice's notebook uid and private gid, and the gid of the group charged
+        user_id, group_ids = await sqlite_hub_ids(hub.db_path)(alice)
+        security = pod["spec"]["securityContext"]
+        assert security["runAsUser"] == security["runAsGroup"] == DEFAULT_UID_BASE + user_id
+        assert security["supplementalGroups"] == [DEFAULT_GID_BASE + group_ids[group]]
+        assert pod["spec"]["containers"][0]["securityContext"]["runAsUser"] == security["runAsUser"]
         assert pod["status"]["hostIP"] == "127.0.11.1"
         # no kubelet behind KWOK: the API server cannot read logs; the service says so
         r = await env.service.call("GET", f"api/jobs/{job_id}/logs?index=0", token)

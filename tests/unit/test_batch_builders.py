@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from kubespawner.slugs import is_valid_label, safe_slug
-from labfleet_batch import jobs, queues
+from labfleet_batch import jobs, podspec, queues
 from labfleet_batch.authz import Caller, Policy
 from labfleet_batch.validation import Limits, RequestError, validate_request
 from labfleet_hub import contract
 from labfleet_spawner.catalogue import load_catalogue
+from labfleet_spawner.kube import PlatformKubeSpawner
+from labfleet_spawner.storage import StorageError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,9 +122,10 @@ def test_offload_needs_platform_support(catalogue, qconfig):
 # -- the Job ------------------------------------------------------------------------
 
 
-def make(catalogue, qconfig, raw, user="alice@example.org"):
+def make(catalogue, qconfig, raw, user="alice@example.org", ids=None):
     req = validate(raw, catalogue, qconfig)
     ctx = jobs.JobContext(
+        ids=ids,
         user=user,
         namespace=qconfig.namespace(req.group),
         queue=qconfig.offload_local_queue(req.group)
@@ -195,8 +198,8 @@ def test_job_is_suspended_queued_and_labelled(catalogue, qconfig):
     # same storage and security as a notebook: home, group, public, envs read-only
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/home/jovyan"]["subPath"] == "home/alice@example.org"
-    assert mounts["/srv/groups/ml"]["subPath"] == "groups/ml"
-    assert mounts["/srv/envs"]["readOnly"] is True
+    assert mounts["/shared/groups/ml"]["subPath"] == "groups/ml"
+    assert mounts["/shared/envs"]["readOnly"] is True
     # /dev/shm as for the notebook: the spawner's 64Mi default when the size sets none
     assert mounts["/dev/shm"]["name"] == "shm"
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
@@ -208,6 +211,37 @@ def test_job_is_suspended_queued_and_labelled(catalogue, qconfig):
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_job_runs_with_its_owners_notebook_ids(catalogue, qconfig):
+    # hub user 7 in ml (hub group 3) and users (1): the notebook's uid and private
+    # gid, and only the charged group's gid (not every group of the user)
+    ids = podspec.posix_ids(7, {"ml": 3, "users": 1}, "ml", 200000, 300000)
+    assert ids == podspec.PosixIds(200007, 200007, (300003,))
+    _, job = make(catalogue, qconfig, {"command": ["true"], "group": "ml"}, ids=ids)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 200007
+    assert pod["securityContext"]["runAsGroup"] == 200007
+    assert pod["securityContext"]["supplementalGroups"] == [300003]
+    container_sc = pod["containers"][0]["securityContext"]
+    assert (container_sc["runAsUser"], container_sc["runAsGroup"]) == (200007, 200007)
+
+
+def test_posix_ids_refuse_ranges_where_a_user_gid_is_a_group_gid():
+    with pytest.raises(StorageError, match="uid_base and gid_base are both"):
+        podspec.posix_ids(7, {"ml": 3}, "ml", 200000, 200000)
+    with pytest.raises(StorageError, match="must be positive"):
+        podspec.posix_ids(0, {"ml": 3}, "ml", 200000, 300000)
+
+
+def test_job_mount_points_are_the_notebooks():
+    # a path written in a notebook means the same inside its Jobs
+    storage = podspec.PodStorage()
+    traits = PlatformKubeSpawner.class_traits()
+    assert storage.home_mount == traits["home_mount_path"].default_value
+    assert storage.groups_mount == traits["group_mount_root"].default_value
+    assert storage.public_mount == traits["public_mount_path"].default_value
+    assert storage.envs_mount == traits["envs_mount_path"].default_value
 
 
 def test_offload_job_targets_virtual_nodes(catalogue, qconfig):

@@ -125,3 +125,40 @@ def test_disabled_batch_configures_nothing(config_dir):
     assert "batch" not in names
     assert ACCESS not in c.Spawner.server_token_scopes
     assert "LABFLEET_BATCH_URL" not in (c.Spawner.environment if "environment" in c.Spawner else {})
+
+
+def test_kubernetes_jobs_run_as_the_notebook(config_dir):
+    """Kubernetes mode: the service reads hub ids and uses the spawner's bases and volume."""
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    data["spawner"]["kind"] = "kubernetes"
+    data["spawner"]["kubernetes"] = {
+        "uid_base": 500000,
+        "gid_base": 600000,
+        "shared_claim": "cephfs-labfleet",
+    }
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    values = values_for(config_dir)
+    app = BatchService()
+    app.parse_command_line(batch_command(values)[3:])
+    assert app.backend == "kubernetes"
+    assert app.job_ids_from_hub is True
+    assert (app.uid_base, app.gid_base) == (500000, 600000)
+    assert app.pod_storage == {
+        "volume": {"persistentVolumeClaim": {"claimName": "cephfs-labfleet"}}
+    }
+    # the notebooks get the same volume and bases
+    c = Config()
+    apply_config(values, c)
+    assert c.PlatformKubeSpawner.shared_volume == app.pod_storage["volume"]
+    assert c.PlatformKubeSpawner.uid_base == 500000
+    # the service (and only the service) may read users' hub ids
+    [role] = [r for r in c.JupyterHub.load_roles if r["name"] == "labfleet-batch"]
+    assert role == {
+        "name": "labfleet-batch",
+        "scopes": ["custom:labfleet:posix-ids"],
+        "services": ["batch"],
+    }
+    [user_role] = [r for r in c.JupyterHub.load_roles if r["name"] == "user"]
+    assert not any("posix-ids" in s for s in user_role["scopes"])
+    assert not any("posix-ids" in s for s in c.Spawner.server_token_scopes)
+    assert "custom:labfleet:posix-ids" in c.JupyterHub.custom_scopes

@@ -1,0 +1,87 @@
+"""The hub's user and group ids, for services that must act as a user's notebook.
+
+Notebooks run as uid ``uid_base + <hub user id>`` (private gid of the same
+number) with one supplementary gid ``gid_base + <hub group id>`` per group, in
+single-node and Kubernetes mode alike, so files on the shared filesystem keep
+one owner. A batch Job writes to the same home and group folders and must run
+with the same ids, but the hub's REST API does not expose database ids. The
+hub therefore serves::
+
+    GET /hub/api/labfleet/posix-ids/<user>
+    -> {"name": "alice", "id": 3, "groups": {"ml": 2, "users": 1}}
+
+allowed only with the custom scope ``custom:labfleet:posix-ids`` (the batch
+service's role has it; users and notebooks do not). Ids are the raw hub ids:
+the caller adds its configured bases, exactly as the spawners do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+from jupyterhub.apihandlers.base import APIHandler
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from .tokens import require_user_scope
+
+#: The custom scope that lets a service read a user's hub ids.
+POSIX_IDS_SCOPE = "custom:labfleet:posix-ids"
+CUSTOM_SCOPES = {
+    POSIX_IDS_SCOPE: {
+        "description": "Read a user's hub user and group ids (labfleet services).",
+    }
+}
+
+#: ``username -> (hub user id, {hub group name: hub group id})``.
+HubIds = Callable[[str], Awaitable[tuple[int, dict[str, int]]]]
+
+
+class PosixIdsHandler(APIHandler):
+    """``GET /hub/api/labfleet/posix-ids/<user>``: the user's hub ids as JSON."""
+
+    async def get(self, user_name):
+        require_user_scope(self, POSIX_IDS_SCOPE, user_name, "read the hub ids of")
+        user = self.find_user(user_name)
+        if user is None:
+            self.set_status(404)
+            self.write(json.dumps({"status": 404, "message": f"no hub user {user_name!r}"}))
+            return
+        groups = {g.name: int(g.id) for g in user.groups}
+        self.write(json.dumps({"name": user.name, "id": int(user.id), "groups": groups}))
+
+
+#: The hub routes to add (an Authenticator's ``get_handlers``; the hub prefixes them).
+HANDLERS = [(r"/api/labfleet/posix-ids/([^/]+)", PosixIdsHandler)]
+
+
+class HubIdsUnavailable(Exception):
+    """The hub could not say which ids a user has; the message is meant for the user."""
+
+
+def hub_api_ids(api_url: str, api_token: str, timeout: float = 10.0) -> HubIds:
+    """A :data:`HubIds` lookup through the hub's REST API with a service token."""
+
+    async def ids(username: str) -> tuple[int, dict[str, int]]:
+        request = HTTPRequest(
+            f"{api_url.rstrip('/')}/labfleet/posix-ids/{quote(username, safe='')}",
+            headers={"Authorization": f"token {api_token}"},
+            request_timeout=timeout,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request)
+        except HTTPClientError as e:
+            # 403: the service's role lacks the scope; 404: not a hub user
+            raise HubIdsUnavailable(
+                f"the hub refused the ids of {username!r} (HTTP {e.code}); the batch "
+                f"service needs the scope {POSIX_IDS_SCOPE}"
+                if e.code == 403
+                else f"the hub has no user {username!r} (HTTP {e.code})"
+            ) from None
+        except OSError as e:
+            raise HubIdsUnavailable(f"the hub is unreachable for user ids: {e}") from None
+        data = json.loads(response.body)
+        return int(data["id"]), {str(k): int(v) for k, v in data["groups"].items()}
+
+    return ids
