@@ -31,7 +31,7 @@ configuration leaves its objects for an admin to drain and delete).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -425,14 +425,24 @@ class Applier(Protocol):
     async def apply(self, obj: dict) -> dict: ...
 
 
-async def sync_queues(client: Applier, config: QueueConfig, catalogue: Catalogue) -> list[str]:
-    """Apply the layout (server-side apply: idempotent, no delete). Returns ``kind/name``s."""
+async def sync_queues(
+    client: Applier,
+    config: QueueConfig,
+    catalogue: Catalogue,
+    progress: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Apply the layout (server-side apply: idempotent, no delete). Returns ``kind/name``s.
+
+    ``progress`` is called with each ``kind/name`` once it is applied.
+    """
     applied = []
     for obj in queue_objects(config, catalogue):
         await client.apply(obj)
         meta = obj["metadata"]
         where = f"{meta['namespace']}/" if "namespace" in meta else ""
         applied.append(f"{obj['kind']}/{where}{meta['name']}")
+        if progress is not None:
+            progress(applied[-1])
     return applied
 
 

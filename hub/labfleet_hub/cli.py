@@ -1,4 +1,5 @@
-"""The ``labfleet`` command: ``up`` runs the single-node platform, ``check-config`` validates.
+"""The ``labfleet`` command: ``up`` runs the platform, ``check-config`` validates,
+``sync-queues`` applies the batch queue layout to a Kubernetes cluster.
 
 ``labfleet up`` validates the configuration and the catalogue, creates the
 secrets, installs the Node.js pieces it needs (configurable-http-proxy and,
@@ -112,6 +113,46 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def cmd_sync_queues(args) -> int:
+    """Apply the batch queue layout to the cluster (or print it with ``--dry-run``)."""
+    import asyncio
+
+    from labfleet_batch.queues import parse_queue_config, queue_objects, sync_queues
+    from labfleet_spawner.catalogue import load_catalogue
+
+    try:
+        values = load_values(args.config)
+    except ConfigError as e:
+        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+        return 1
+    catalogue = load_catalogue(values["catalogue"])
+    config = parse_queue_config(
+        values["batch"]["queues"], catalogue, source=f"{args.config}: batch.queues"
+    )
+    if args.dry_run:
+        yaml.safe_dump_all(queue_objects(config, catalogue), sys.stdout, sort_keys=False)
+        return 0
+
+    async def apply() -> list[str]:
+        from labfleet_batch.kube import KubeAPI, KubeError
+
+        from .kubeclient import api_client
+
+        client = await api_client(args.kubeconfig)
+        try:
+            return await sync_queues(
+                KubeAPI(client), config, catalogue, progress=lambda name: step(f"applied {name}")
+            )
+        except KubeError as e:
+            raise SystemExit(f"labfleet: the API server refused the queue layout: {e}") from None
+        finally:
+            await client.close()
+
+    applied = asyncio.run(apply())
+    print(f"{len(applied)} objects applied (server-side apply; nothing deleted)")
+    return 0
+
+
 def cmd_up(args) -> int:
     step(f"checking {args.config}")
     try:
@@ -222,6 +263,19 @@ def main(argv=None) -> int:
     check = sub.add_parser("check-config", help="validate the platform YAML and its catalogue")
     check.add_argument("--config", default=DEFAULT_CONFIG)
     check.set_defaults(func=cmd_check_config)
+    sync = sub.add_parser(
+        "sync-queues",
+        help="Kubernetes mode: apply the batch queue layout (namespaces, Kueue queues, "
+        "flavors, priorities) with server-side apply; run as the platform admin",
+    )
+    sync.add_argument("--config", default=DEFAULT_CONFIG)
+    sync.add_argument(
+        "--kubeconfig", default="", help="default: in-cluster, else $KUBECONFIG / ~/.kube/config"
+    )
+    sync.add_argument(
+        "--dry-run", action="store_true", help="print the objects as YAML; apply nothing"
+    )
+    sync.set_defaults(func=cmd_sync_queues)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -40,6 +40,7 @@ from tests.integration.conftest import (  # noqa: F401  (browser: session fixtur
     stop_platform,
     write_config,
 )
+from tests.integration.test_platform_login import api_token
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -173,6 +174,8 @@ def test_browser_login_to_jupyterlab_on_the_right_fake_node(
         assert limits["nvidia.com/gpu"] == "1"
         assert pod["metadata"]["name"] in agent.started
 
+        check_batch_job_runs_as_the_notebook(platform, page, k8s_cluster, pod)
+
         page.goto(f"{platform.url}/hub/home")
         page.locator("#stop").click()
         deadline = time.monotonic() + 60
@@ -185,3 +188,71 @@ def test_browser_login_to_jupyterlab_on_the_right_fake_node(
         assert k8s_cluster.kubectl_json("get", "pods", "-n", namespace)["items"] == []
     finally:
         context.close()
+
+
+def check_batch_job_runs_as_the_notebook(platform, page, cluster, notebook_pod):
+    """``labfleet sync-queues`` lays out the queues; a job submitted with the real
+    ``labfleet-batch`` CLI through the platform's batch service becomes a Job in
+    the group's namespace that runs with the notebook's uid and the group's gid."""
+    config = str(platform.config_dir / "labfleet.yaml")
+    layout = subprocess.run(
+        [str(VENV_BIN / "labfleet"), "sync-queues", "--config", config, "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    layout_file = platform.config_dir / "queues.yaml"
+    layout_file.write_text(layout)
+    try:
+        synced = subprocess.run(
+            [str(VENV_BIN / "labfleet"), "sync-queues", "--config", config],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert synced.returncode == 0, synced.stderr
+        assert "applied LocalQueue/labfleet-ml/ml-queue" in synced.stdout, synced.stdout
+        assert "nothing deleted" in synced.stdout
+
+        token = api_token(page, platform)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")},
+            "JUPYTERHUB_API_TOKEN": token,
+            "LABFLEET_BATCH_URL": f"{platform.url}/services/batch/",
+        }
+        submitted = subprocess.run(
+            [str(VENV_BIN / "labfleet-batch"), "submit", "--group", "ml", "--name", "e2e", "-"],
+            input="echo hello\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        group, name = submitted.stdout.strip().split("/")
+        job = cluster.kubectl_json("get", "job", name, "-n", f"labfleet-{group}")
+        job_security = job["spec"]["template"]["spec"]["securityContext"]
+        notebook_security = notebook_pod["spec"]["securityContext"]
+        assert job_security["runAsUser"] == notebook_security["runAsUser"] >= 200001
+        assert job_security["runAsGroup"] == notebook_security["runAsGroup"]
+        # one supplementary group, the charged group's, which the notebook has too
+        [group_gid] = job_security["supplementalGroups"]
+        assert group_gid in notebook_security["supplementalGroups"]
+        # the notebook's shared volume and mount points
+        job_pod = job["spec"]["template"]["spec"]
+        [shared] = [v for v in job_pod["volumes"] if "hostPath" in v]
+        assert shared["hostPath"]["path"] == "/srv/labfleet"
+        mounts = {m["mountPath"] for m in job_pod["containers"][0]["volumeMounts"]}
+        notebook_container = notebook_pod["spec"]["containers"][0]
+        notebook_mounts = {m["mountPath"] for m in notebook_container["volumeMounts"]}
+        assert {"/home/jovyan", "/shared/groups/ml", "/shared/public"} <= mounts & notebook_mounts
+        cancelled = subprocess.run(
+            [str(VENV_BIN / "labfleet-batch"), "cancel", f"{group}/{name}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert cancelled.returncode == 0, cancelled.stderr
+    finally:
+        cluster.kubectl("delete", "-f", str(layout_file), "--wait=false", check=False)
