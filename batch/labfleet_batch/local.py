@@ -6,10 +6,13 @@
   (priority, then submission time); a job that does not fit lets smaller ones
   behind it start. No borrowing and no preemption here.
 - **Accelerators**: taken from a :class:`labfleet_spawner.devices.DeviceAllocator`
-  exclusively, all-or-nothing, under the owner ``batch:<group>/<name>``. Pass
-  the hub's allocator (``LocalGPUSpawner._shared_allocator``) when the backend
-  runs in the hub's process so notebooks and jobs never share a GPU;
-  otherwise give the service its own devices.
+  exclusively, all-or-nothing, under the owner ``batch:<group>/<name>``. The
+  batch service is a process of its own: with ``device_claims_path`` (the
+  hub's ``LocalGPUSpawner.device_claims_path``) its claims and the hub's share
+  one registry, so notebooks and jobs never get the same device; a job that
+  waits for a device a notebook holds is retried every ``poll_interval``. In
+  the hub's own process, passing the hub's allocator does the same. Without
+  either, give the service devices of its own.
 - **Processes**: one per completion index, at most ``parallelism`` at once,
   each in its own session (cancel and deadline kill the whole process group),
   running as the user's mapped uid/gid when the service is root -- the same
@@ -21,7 +24,8 @@
   :meth:`LocalBackend.restore` reloads them: a job whose processes still run
   (same pid *and* start time) is watched again until they end; one whose
   processes are gone is finished from its exit status files; a job that was
-  still waiting is failed with a message (its request is not kept).
+  still waiting is failed with a message (its request is not kept). Then the
+  batch claims in the shared registry that no restored job holds are dropped.
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labfleet_spawner.catalogue import parse_quantity
-from labfleet_spawner.devices import DeviceAllocator, FpgaDevice, NoFreeDevice, cuda_visible_devices
+from labfleet_spawner.devices import (
+    DeviceAllocator,
+    DeviceClaimsError,
+    FpgaDevice,
+    NoFreeDevice,
+    cuda_visible_devices,
+)
 from labfleet_spawner.local import _chdir_only, _drop_privileges
 from labfleet_spawner.storage import (
     DEFAULT_GID_BASE,
@@ -94,6 +104,9 @@ def sqlite_hub_ids(db_path: str) -> HubIds:
     return ids
 
 
+#: The batch service's side in the device claims registry shared with the hub.
+CLAIMS_COMPONENT = "batch"
+
 #: Runs a completion and leaves its exit status in "$0" (``<index>.exit``), atomically.
 EXIT_WRAPPER = 'rc=0; "$@" || rc=$?; echo "$rc" > "$0.tmp" && mv -f "$0.tmp" "$0"; exit "$rc"'
 
@@ -148,10 +161,18 @@ class LocalBackend:
         path: str = "/usr/local/bin:/usr/bin:/bin",
         store: JobStore | None = None,
         poll_interval: float = 1.0,
+        device_claims_path: str = "",
     ):
         self.config = config
         self.storage_root = storage_root
         self.allocator = allocator or DeviceAllocator()
+        if device_claims_path:
+            if self.allocator.claims_path is not None:
+                raise ValueError("give device_claims_path or an allocator with claims, not both")
+            # The same devices, their claims shared with the hub through the registry.
+            self.allocator = DeviceAllocator(
+                self.allocator.devices, claims_path=device_claims_path, component=CLAIMS_COMPONENT
+            )
         self.hub_ids = hub_ids
         # Isolation needs root and the hub's ids; otherwise jobs run as the service.
         self.isolate = (os.geteuid() == 0 and hub_ids is not None) if isolate is None else isolate
@@ -162,6 +183,9 @@ class LocalBackend:
         self._seq = 0
         self.store = store
         self.poll_interval = poll_interval
+        # A scheduling pass due because a job waits for a device another process
+        # (the hub) holds: that process cannot tell us when it gives it back.
+        self._retry: asyncio.TimerHandle | None = None
 
     # -- identity and folders --------------------------------------------------------
 
@@ -250,6 +274,10 @@ class LocalBackend:
         for (group, name), job in list(self._jobs.items()):
             if job.record.state not in FINAL_STATES:
                 await self.cancel(group, name)
+        # after the cancels: each of them may have scheduled a retry
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     # -- persistence -------------------------------------------------------------------
 
@@ -266,10 +294,12 @@ class LocalBackend:
         self.store.save(job.record, extra)
 
     async def restore(self) -> int:
-        """Reload the stored jobs and reconcile those that were not finished; returns how many."""
-        if self.store is None:
-            return 0
-        loaded = await asyncio.to_thread(self.store.load)
+        """Reload the stored jobs and reconcile those that were not finished; returns how many.
+
+        Then drop the batch claims no restored job holds (a shared registry
+        keeps those of an earlier service process; the hub's stay).
+        """
+        loaded = await asyncio.to_thread(self.store.load) if self.store is not None else []
         for record, extra in loaded:
             job = _Job(
                 record,
@@ -286,7 +316,12 @@ class LocalBackend:
                     job, FAILED, "the batch service restarted before this job started; submit again"
                 )
             elif record.state == RUNNING:
-                job.devices, problems = self.allocator.restore(job.owner, extra.get("devices", []))
+                uuids = extra.get("devices", [])
+                try:
+                    job.devices, problems = self.allocator.restore(job.owner, uuids)
+                except DeviceClaimsError as e:
+                    # Keep the record, so that a restart after the repair claims them again.
+                    job.devices, problems = self.allocator.known_devices(uuids), [str(e)]
                 for problem in problems:
                     log.warning("Restoring %s: %s", record.id, problem)
                 job.record.active = sum(1 for p in job.pids.values() if alive(*p))
@@ -296,7 +331,22 @@ class LocalBackend:
                     self._conclude_restored(job)
         if loaded:
             log.info("Restored %d batch job record(s)", len(loaded))
+        self._reconcile_claims()
         return len(loaded)
+
+    def _reconcile_claims(self) -> None:
+        try:
+            stale = self.allocator.reconcile()
+        except DeviceClaimsError as e:
+            log.error("Cannot reconcile device claims: %s", e)
+            return
+        for uuid, owner in stale:
+            log.warning(
+                "Dropped stale device claim: %s was held by %s, which the batch service "
+                "no longer runs",
+                uuid,
+                owner,
+            )
 
     async def _watch_restored(self, job: _Job) -> None:
         """Poll the processes a previous service started until they end (or the deadline)."""
@@ -410,6 +460,9 @@ class LocalBackend:
         return ""
 
     def _schedule(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         for job in self._waiting():
             why = self._fits(job)
             if not why and job.request.selection.accelerator is not None:
@@ -420,6 +473,11 @@ class LocalBackend:
                     )
                 except NoFreeDevice as e:
                     why = str(e)
+                    # A device the hub frees comes back without an event here: look again.
+                    if self.allocator.claims_path is not None and self._retry is None:
+                        self._retry = asyncio.get_running_loop().call_later(
+                            self.poll_interval, self._schedule
+                        )
             if why:
                 job.record.queue = {"reason": "Pending", "message": why}
                 continue
@@ -585,7 +643,12 @@ class LocalBackend:
         job.record.queue = {"finished": True}
         job.pids = {}
         self._save(job)
-        released = self.allocator.release(job.owner)
+        try:
+            released = self.allocator.release(job.owner)
+        except DeviceClaimsError as e:
+            # The job is over whatever the registry says; the claim stays until it is repaired.
+            log.error("Cannot release devices of %s: %s", job.owner, e)
+            released = []
         if released:
             log.info("Released %s from %s", ", ".join(released), job.owner)
         job.devices = []

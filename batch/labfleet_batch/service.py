@@ -368,6 +368,13 @@ class BatchService(Application):
         help="""Local backend: the hub's SQLite database, read-only, for the user and group
         ids that give jobs the same uid/gids as notebooks. Empty: jobs run as the service.""",
     )
+    device_claims_path = Unicode(
+        "",
+        config=True,
+        help="""Local backend: the file through which this service and the hub share their
+        claims on this machine's accelerators (the hub's LocalGPUSpawner.device_claims_path),
+        so that a job and a notebook never get the same device. Empty: claims in memory only.""",
+    )
     uid_base = Integer(
         DEFAULT_UID_BASE,
         config=True,
@@ -495,6 +502,7 @@ class BatchService(Application):
             uid_base=self.uid_base,
             gid_base=self.gid_base,
             store=JobStore(self.state_dir) if self.state_dir else None,
+            device_claims_path=self.device_claims_path,
         )
         await backend.restore()
         return backend

@@ -429,6 +429,11 @@ def batch_url(values: dict) -> str:
     return f"{hub['public_url']}{hub['base_url'].rstrip('/')}/services/{BATCH_SERVICE}/"
 
 
+def device_claims_path(values: dict) -> Path:
+    """The registry through which the hub and the local batch service share device claims."""
+    return Path(values["hub"]["state_dir"]) / "device-claims.json"
+
+
 def batch_command(values: dict) -> list[str]:
     """The command line of the hub-managed batch service (see docs/batch.md)."""
     batch, spawner, hub = values["batch"], values["spawner"], values["hub"]
@@ -450,6 +455,7 @@ def batch_command(values: dict) -> list[str]:
             "--BatchService.backend=local",
             f"--BatchService.storage_root={spawner['storage_root']}",
             f"--BatchService.state_dir={Path(hub['state_dir']) / 'batch'}",
+            f"--BatchService.device_claims_path={device_claims_path(values)}",
         ]
         # the hub's user and group ids give jobs the notebooks' uids (when root)
         if spawner["isolate_users"] != "no" and hub["db_url"].startswith("sqlite:///"):
@@ -512,3 +518,7 @@ def apply_batch(values: dict, c) -> None:
     environment = dict(c.Spawner.environment if "environment" in c.Spawner else {})
     environment["LABFLEET_BATCH_URL"] = batch_url(values)
     c.Spawner.environment = environment
+    if values["spawner"]["kind"] == "local":
+        # The service hands out this machine's devices too: one claims registry for
+        # both. Only with batch on: nobody would ever drop a disabled service's claims.
+        c.LocalGPUSpawner.device_claims_path = str(device_claims_path(values))

@@ -7,7 +7,9 @@
   one allocator per hub process (GPUs and MIG instances found through NVML,
   FPGA boards from configuration) *before* any process starts, and given back
   when the server stops or fails to start. A request that cannot be met is
-  refused with HTTP 503 and a sentence the user can act on; nothing is held;
+  refused with HTTP 503 and a sentence the user can act on; nothing is held.
+  With ``device_claims_path`` the claims are shared with the local batch
+  service, so a notebook and a batch job never get the same device;
 - ``CUDA_VISIBLE_DEVICES`` set to the allocated GPU/MIG UUIDs ("" for CPU
   profiles). This is cooperative, not enforced: a local process can still
   open any ``/dev/nvidia*``. Use the Kubernetes spawner where users must not
@@ -26,6 +28,7 @@ which jupyter-resource-usage displays), not enforced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -41,7 +44,13 @@ from tornado import web
 from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode
 
 from .base import CatalogueSpawnerMixin
-from .devices import DeviceAllocator, FpgaDevice, NoFreeDevice, cuda_visible_devices
+from .devices import (
+    DeviceAllocator,
+    DeviceClaimsError,
+    FpgaDevice,
+    NoFreeDevice,
+    cuda_visible_devices,
+)
 from .nvml import discover
 from .storage import (
     DEFAULT_GID_BASE,
@@ -62,6 +71,8 @@ DEFAULT_SECRET_PATTERN = r"SECRET|PASSWORD|PASSWD|PRIVATE_KEY|TOKEN|CRYPT_KEY|AP
 DEFAULT_SECRET_ALLOWED = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
 
 STATE_DEVICES = "labfleet_devices"
+#: This hub's side in the device claims registry shared with the batch service.
+CLAIMS_COMPONENT = "notebooks"
 
 
 def filter_secret_env(
@@ -185,6 +196,22 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         """,
     )
 
+    device_claims_path = Unicode(
+        "",
+        config=True,
+        help="""A file through which the hub and the local batch service share their claims
+        on this machine's accelerators, so that a notebook and a batch job never get the
+        same device. Give the batch service the same path (BatchService.device_claims_path);
+        keep it in the hub's state directory (``labfleet up`` uses
+        ``<state_dir>/device-claims.json``). Created on first use, with ``<path>.lock``
+        beside it.
+
+        Empty: claims live in the hub's memory only, and a batch service on this
+        machine must be given other devices. Read when the process-wide allocator is
+        created (first use).
+        """,
+    )
+
     nvml_module = Any(
         None,
         allow_none=True,
@@ -247,12 +274,25 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
             return self.device_allocator
         if LocalGPUSpawner._shared_allocator is None:
             discovery = discover(self.nvml_module, logger=self.log)
-            allocator = DeviceAllocator.from_discovery(discovery, self.fpga_devices)
+            allocator = DeviceAllocator.from_discovery(
+                discovery,
+                self.fpga_devices,
+                claims_path=self.device_claims_path or None,
+                component=CLAIMS_COMPONENT,
+            )
             self.log.info(
-                "Local accelerators: %s",
+                "Local accelerators: %s%s",
                 ", ".join(f"{d.kind} {d.uuid} ({d.name})" for d in allocator.devices) or "none",
+                f"; claims shared through {allocator.claims_path}" if allocator.claims_path else "",
             )
             LocalGPUSpawner._shared_allocator = allocator
+            # At startup JupyterHub restores every running server (load_state, the
+            # first use of the allocator) before its first await, so a callback runs
+            # only once all of them are restored: then the claims an earlier hub left
+            # for servers that are gone can go, without waiting for the first spawn.
+            # Without a running loop (tools, tests) the first hand-out does it.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(self._reconcile_claims)
         return LocalGPUSpawner._shared_allocator
 
     @property
@@ -260,11 +300,47 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         return f"{self.user.name}/{self.name}"
 
     def availability(self) -> dict[str, tuple[int, int]]:
-        """Free/total per catalogue accelerator, from memory (NVML is asked once per process)."""
-        return self.allocator.availability(self.catalogue.accelerators.values())
+        """Free/total per catalogue accelerator (NVML is asked once per process).
+
+        Devices the batch service holds count as taken (``device_claims_path``).
+        """
+        accelerators = self.catalogue.accelerators.values()
+        self._reconcile_claims()
+        try:
+            return self.allocator.availability(accelerators)
+        except DeviceClaimsError as e:
+            # The form still works for CPU profiles; a start would be refused anyway.
+            self.log.error("Spawn form shows no accelerator free: %s", e)
+            return {a.name: (0, len(self.allocator.matching(a))) for a in accelerators}
+
+    def _reconcile_claims(self) -> None:
+        """Once per allocator: drop the shared claims an earlier hub left for gone servers.
+
+        Only safe once every running server is restored (see ``allocator``);
+        the batch service's claims are never touched.
+        """
+        allocator = self.allocator
+        if allocator.reconciled:
+            return
+        try:
+            stale = allocator.reconcile()
+        except DeviceClaimsError as e:
+            self.log.error("Cannot reconcile device claims: %s", e)  # tried again next time
+            return
+        for uuid, owner in stale:
+            self.log.warning(
+                "Dropped stale device claim: %s was held by %s, which this hub no longer runs",
+                uuid,
+                owner,
+            )
 
     def _release_devices(self) -> None:
-        released = self.allocator.release(self.device_owner)
+        try:
+            released = self.allocator.release(self.device_owner)
+        except DeviceClaimsError as e:
+            # Stopping must go on; the claim stays until the registry is repaired.
+            self.log.error("Cannot release devices of %s: %s", self._log_name, e)
+            released = []
         if released:
             self.log.info("Released %s from %s", ", ".join(released), self._log_name)
         self.devices = []
@@ -285,7 +361,11 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         setattr(self, STATE_ACCOUNTING_START, state.get(STATE_ACCOUNTING_START))
         uuids = state.get(STATE_DEVICES) or []
         if uuids:
-            restored, problems = self.allocator.restore(self.device_owner, uuids)
+            try:
+                restored, problems = self.allocator.restore(self.device_owner, uuids)
+            except DeviceClaimsError as e:
+                # Keep the record, so that a hub start after the repair claims them again.
+                restored, problems = self.allocator.known_devices(uuids), [str(e)]
             self.devices = restored
             for problem in problems:
                 self.log.warning("Restoring devices of %s: %s", self._log_name, problem)
@@ -475,6 +555,7 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         self.mem_limit = selection.size.memory_bytes
         self.devices = []
         if selection.accelerator is not None:
+            self._reconcile_claims()
             try:
                 self.devices = self.allocator.allocate(
                     self.device_owner, selection.accelerator, selection.count

@@ -4,6 +4,7 @@ the tornado app on loopback, jobs as real processes under mapped uids."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import tempfile
@@ -19,8 +20,10 @@ from labfleet_spawner.catalogue import load_catalogue
 from labfleet_spawner.devices import DeviceAllocator
 from labfleet_spawner.nvml import GpuDevice
 from labfleet_spawner.storage import DEFAULT_UID_BASE
+from tornado import web
 
 from tests.batch.harness import cross_tenant_matrix, make_context, running_service
+from tests.unit.test_local_spawner import make_spawner
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOGUE = load_catalogue(ROOT / "config" / "catalogue.yaml")
@@ -66,14 +69,15 @@ def t4():
     return GpuDevice(0, "GPU-fake-t4-0", "Tesla T4")
 
 
-@pytest.fixture
-async def service(hub, qconfig, storage_root, t4):
+@contextlib.asynccontextmanager
+async def local_service(hub, qconfig, storage_root, devices, **backend_options):
     backend = LocalBackend(
         qconfig,
         str(storage_root),
-        allocator=DeviceAllocator([t4]),
+        allocator=DeviceAllocator(devices),
         hub_ids=sqlite_hub_ids(hub.db_path),
         kill_grace=2,
+        **backend_options,
     )
     ctx = make_context(
         backend, CATALOGUE, qconfig, hub, limits=Limits(min_run_time=1), log_poll_interval=0.2
@@ -81,6 +85,12 @@ async def service(hub, qconfig, storage_root, t4):
     async with running_service(ctx) as svc:
         yield svc
     await backend.close()
+
+
+@pytest.fixture
+async def service(hub, qconfig, storage_root, t4):
+    async with local_service(hub, qconfig, storage_root, [t4]) as svc:
+        yield svc
 
 
 @pytest.fixture
@@ -191,6 +201,54 @@ async def test_gpu_exclusive_and_shared_allocator(service, users, groups, t4):
     assert allocator.owner_of(t4.uuid) == f"batch:{second['id']}"
     await service.call("DELETE", f"api/jobs/{second['id']}", token)
     assert allocator.owner_of(t4.uuid) is None
+
+
+async def test_gpu_exclusive_between_jobs_and_notebooks_of_another_process(
+    hub, qconfig, storage_root, t4, users, tmp_path
+):
+    """The batch service and the hub are two processes; the claims registry joins them.
+
+    The hub's side is a LocalGPUSpawner with its own allocator on the same file,
+    as in a hub process of its own.
+    """
+    claims = tmp_path / "device-claims.json"
+    notebooks = DeviceAllocator([t4], claims_path=claims, component="notebooks")
+    spawner = make_spawner(tmp_path, notebooks, cmd=["/bin/false-never-run"])
+    spawner.apply_selection({"profile": "gpu-t4"})
+    _, token = by_prefix(users, "alice")
+    body = {"script": "echo gpu=$CUDA_VISIBLE_DEVICES; sleep 30", "accelerator": "t4"}
+    async with local_service(
+        hub, qconfig, storage_root, [t4], device_claims_path=str(claims), poll_interval=0.2
+    ) as service:
+        job = (await service.call("POST", "api/jobs", token, body)).body
+        await service.wait_state(job["id"], token, {"running"})
+        assert notebooks.owner_of(t4.uuid) == f"batch:{job['id']}"
+        # the notebook is refused with the usual sentence, and nothing is held or started
+        assert spawner.availability()["t4"] == (0, 1)
+        with pytest.raises(web.HTTPError) as refused:
+            await spawner.start()
+        assert refused.value.status_code == 503
+        assert refused.value.jupyterhub_message == (
+            "no NVIDIA Tesla T4 (16 GB) is free: 1 in total, all in use; "
+            "try another profile or later"
+        )
+        assert spawner.proc is None and notebooks.owner_of(t4.uuid) == f"batch:{job['id']}"
+        await service.call("DELETE", f"api/jobs/{job['id']}", token)
+        # the other way round: a notebook holds it, a job waits and says why ...
+        spawner.devices = notebooks.allocate(spawner.device_owner, spawner.selection.accelerator)
+        second = (await service.call("POST", "api/jobs", token, body)).body
+        r = await service.call("GET", f"api/jobs/{second['id']}", token)
+        assert r.body["state"] == "queued"
+        assert "no NVIDIA Tesla T4 (16 GB) is free" in r.body["queue"]["message"], r.body
+        await asyncio.sleep(0.6)  # retried meanwhile, still refused
+        r = await service.call("GET", f"api/jobs/{second['id']}", token)
+        assert r.body["state"] == "queued" and notebooks.owner_of(t4.uuid) == "alice/"
+        # ... and starts by itself once the notebook stops: the hub cannot tell it
+        spawner.clear_state()
+        await service.wait_state(second["id"], token, {"running"}, timeout=10)
+        assert notebooks.owner_of(t4.uuid) == f"batch:{second['id']}"
+        await service.call("DELETE", f"api/jobs/{second['id']}", token)
+        assert notebooks.owner_of(t4.uuid) is None
 
 
 async def test_cancel_kills_process_group_and_deadline_fails_job(service, users):

@@ -5,10 +5,15 @@ session's real hub); it is SIGKILLed while jobs run, and a new process on the
 same state directory must list, show and serve logs of the old jobs and
 reconcile the running ones: still alive -> running (then finished from its
 exit status), gone -> failed, never started -> failed, cancel still works.
+
+With device claims shared with the hub: a killed service's running GPU job
+keeps its claim, and the next backend drops only the batch claims it did not
+restore, never the hub's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +26,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from labfleet_batch.local import LocalBackend
+from labfleet_batch.queues import parse_queue_config
+from labfleet_batch.store import JobStore
+from labfleet_spawner.catalogue import load_catalogue
+from labfleet_spawner.devices import DeviceAllocator
+from labfleet_spawner.nvml import GpuDevice
 
 from tests.batch.hub import BATCH_SCOPE, Hub
 from tests.conftest import free_port
@@ -179,3 +190,105 @@ def test_records_survive_a_killed_service_and_running_jobs_are_reconciled(servic
     other = hub.add_user(f"other{os.urandom(3).hex()}", [f"x{group}"])
     assert service.call("GET", f"api/jobs/{done}", other)[0] == 404
     assert (service.workdir / "state" / "jobs.sqlite").stat().st_mode & 0o777 == 0o600
+
+
+# -- device claims shared with the hub across a restart ------------------------------------
+
+#: A first batch service, in a process of its own: one GPU job running, and a claim it
+#: made but never recorded (killed between the two). Prints the job once it runs.
+FIRST_SERVICE = """
+import asyncio, json, sys
+from pathlib import Path
+from labfleet_batch.local import LocalBackend
+from labfleet_batch.store import JobStore
+from labfleet_batch.validation import validate_request
+from tests.batch.test_batch_restart import claims_queue_config, t4_devices
+
+async def main(storage, state, claims):
+    catalogue, config = claims_queue_config()
+    backend = LocalBackend(config, storage, allocator=t4_devices(), store=JobStore(state),
+                           device_claims_path=claims)
+    request = validate_request(
+        {"name": "keep", "script": "echo $$ > main.pid; sleep 60", "accelerator": "t4"},
+        catalogue=catalogue, user_groups=["ml"], queue_groups=config.covered_accelerators(),
+        priorities=config.priorities,
+    )
+    record = await backend.submit(request, "alice")
+    backend.allocator.allocate("batch:ml/ghost", request.selection.accelerator)
+    pid_file = Path(record.workdir) / "main.pid"
+    for _ in range(200):  # until the job runs and has said who it is (at most 10 s)
+        if record.active and pid_file.exists() and pid_file.read_text().strip():
+            print(json.dumps(record.to_json()), flush=True)
+            break
+        await asyncio.sleep(0.05)
+    else:
+        sys.exit(f"the job did not start: {record.to_json()}")
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def claims_queue_config():
+    catalogue = load_catalogue(ROOT / "config" / "catalogue.yaml")
+    groups = {"ml": {"cpu": 8, "memory": "8Gi", "accelerators": {"t4": 3}}}
+    return catalogue, parse_queue_config({"groups": groups}, catalogue)
+
+
+def t4_devices(component: str = "", claims=None):
+    devices = [GpuDevice(i, f"GPU-t4-{i}", "Tesla T4") for i in range(3)]
+    return DeviceAllocator(devices, claims_path=claims, component=component)
+
+
+async def test_restarted_backend_keeps_its_jobs_claims_and_drops_only_its_stale_ones(
+    tmp_path, caplog
+):
+    storage, state, claims = tmp_path / "storage", tmp_path / "state", tmp_path / "claims.json"
+    storage.mkdir(mode=0o755)
+    catalogue, config = claims_queue_config()
+    t4 = catalogue.accelerators["t4"]
+    hub = t4_devices("notebooks", claims)  # the hub's allocator: alice's notebook has GPU-t4-0
+    assert [d.uuid for d in hub.allocate("alice/", t4)] == ["GPU-t4-0"]
+
+    first = subprocess.Popen(
+        [sys.executable, "-c", FIRST_SERVICE, str(storage), str(state), str(claims)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    job_pid = None
+    try:
+        line = first.stdout.readline()
+        if not line.startswith("{"):
+            pytest.fail(f"the first service failed: {line}{first.stdout.read()}")
+        job = json.loads(line)
+        job_pid = int((Path(job["workdir"]) / "main.pid").read_text())
+        first.kill()  # no chance to release anything
+        first.wait(10)
+        assert hub.owner_of("GPU-t4-1") == f"batch:{job['id']}"
+        assert hub.owner_of("GPU-t4-2") == "batch:ml/ghost"
+        assert hub.free_and_total(t4) == (0, 3), "claims outlive the batch service"
+
+        backend = LocalBackend(
+            config, str(storage), allocator=t4_devices(), store=JobStore(state),
+            device_claims_path=str(claims), poll_interval=0.2,
+        )  # fmt: skip
+        assert await backend.restore() == 1
+        restored = await backend.get("ml", job["name"])
+        assert restored.state == "running" and restored.active == 1
+        assert hub.owner_of("GPU-t4-1") == f"batch:{job['id']}", "its running job keeps it"
+        assert hub.owner_of("GPU-t4-2") is None, "the unrecorded claim is dropped"
+        assert hub.owner_of("GPU-t4-0") == "alice/", "the hub's claim is not the batch's to drop"
+        dropped = [r.getMessage() for r in caplog.records if "stale device claim" in r.getMessage()]
+        assert dropped == [
+            "Dropped stale device claim: GPU-t4-2 was held by batch:ml/ghost, "
+            "which the batch service no longer runs"
+        ]
+        cancelled = await backend.cancel("ml", job["name"])
+        assert cancelled.state == "cancelled"
+        assert hub.owner_of("GPU-t4-1") is None and hub.free_and_total(t4) == (2, 3)
+        await backend.close()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if job_pid is not None:  # whatever failed, the job's sleep does not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(job_pid), signal.SIGKILL)

@@ -84,6 +84,11 @@ def test_command_is_understood_by_the_service(config_dir):
     # the hub's database gives jobs the notebooks' uids
     assert app.hub_db_path == str(config_dir / "state" / "jupyterhub.sqlite")
     assert app.budget_db_url == ""
+    # notebooks and jobs claim this machine's devices through one registry
+    c = Config()
+    apply_config(values, c)
+    assert app.device_claims_path == str(config_dir / "state" / "device-claims.json")
+    assert c.LocalGPUSpawner.device_claims_path == app.device_claims_path
 
 
 def test_no_isolation_means_no_hub_ids(config_dir):
@@ -124,6 +129,8 @@ def test_disabled_batch_configures_nothing(config_dir):
     names = [s["name"] for s in c.JupyterHub.services.get_value([])]
     assert "batch" not in names
     assert ACCESS not in c.Spawner.server_token_scopes
+    # no service that could leave claims behind: the hub keeps them in memory
+    assert "device_claims_path" not in c.LocalGPUSpawner
     assert "LABFLEET_BATCH_URL" not in (c.Spawner.environment if "environment" in c.Spawner else {})
 
 

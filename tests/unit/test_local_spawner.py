@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ from jupyterhub.objects import Hub
 from labfleet_spawner.catalogue import load_catalogue
 from labfleet_spawner.devices import DeviceAllocator
 from labfleet_spawner.local import LocalGPUSpawner, filter_secret_env
-from labfleet_spawner.nvml import Discovery, GpuDevice
+from labfleet_spawner.nvml import Discovery, GpuDevice, discover
 from tornado import web
 from traitlets.config import Config
 
@@ -82,13 +83,17 @@ def test_traits_are_configurable():
     config.LocalGPUSpawner.uid_base = 500000
     config.LocalGPUSpawner.fpga_devices = {"u55c": ["/dev/xclmgmt1"]}
     config.LocalGPUSpawner.catalogue_path = "/etc/labfleet/catalogue.yaml"
+    config.LocalGPUSpawner.device_claims_path = "/var/lib/labfleet/device-claims.json"
     spawner = LocalGPUSpawner(config=config, user=fake_user(), hub=Hub())
     assert spawner.storage_root == "/data/labfleet" and spawner.uid_base == 500000
     assert spawner.fpga_devices == {"u55c": ["/dev/xclmgmt1"]}
     assert spawner.catalogue_path == "/etc/labfleet/catalogue.yaml"
+    assert spawner.device_claims_path == "/var/lib/labfleet/device-claims.json"
     assert spawner.isolate_users == "auto"
+    assert LocalGPUSpawner(user=fake_user(), hub=Hub()).device_claims_path == "", "off by default"
     assert callable(spawner.options_form), "the catalogue form, rendered per request"
-    for name in ("storage_root", "uid_base", "gid_base", "isolate_users", "fpga_devices"):
+    names = ("storage_root", "uid_base", "gid_base", "isolate_users", "fpga_devices")
+    for name in (*names, "device_claims_path"):
         trait = LocalGPUSpawner.class_traits()[name]
         assert trait.metadata.get("config") and trait.help
 
@@ -260,3 +265,122 @@ async def test_move_certs_into_the_home(tmp_path):
     assert moved == {key: str(target / f"{key}.pem") for key in paths}
     assert Path(moved["keyfile"]).read_text() == "keyfile"
     assert not Path(paths["keyfile"]).exists() and Path(paths["cafile"]).exists()
+
+
+# -- claims shared with the local batch service ---------------------------------------
+
+T4_UUID = "GPU-t4t4t4t4-0000-0000-0000-000000000000"
+ONLY_T4_REFUSAL = (
+    "no NVIDIA Tesla T4 (16 GB) is free: 1 in total, all in use; try another profile or later"
+)
+
+
+def one_t4_machine():
+    return FakeNvml([{"name": "Tesla T4", "uuid": T4_UUID}])
+
+
+def batch_side(fake, claims) -> DeviceAllocator:
+    """The batch service's allocator: its own NVML discovery, the same registry."""
+    return DeviceAllocator.from_discovery(discover(fake), claims_path=claims, component="batch")
+
+
+async def test_refused_when_the_batch_service_holds_the_only_device(tmp_path):
+    fake, claims = one_t4_machine(), str(tmp_path / "device-claims.json")
+    batch = batch_side(fake, claims)
+    batch.allocate("batch:ml/train-x1y2", CATALOGUE.accelerators["t4"])
+    spawner = make_spawner(
+        tmp_path, nvml_module=fake, device_claims_path=claims, cmd=["/bin/false-never-run"]
+    )
+    assert spawner.availability()["t4"] == (0, 1), "the form counts the job's T4 as taken"
+    spawner.apply_selection({"profile": "gpu-t4"})
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.start()
+    assert refused.value.status_code == 503
+    assert refused.value.jupyterhub_message == ONLY_T4_REFUSAL
+    assert spawner.proc is None and spawner.devices == []
+    assert batch.owner_of(T4_UUID) == "batch:ml/train-x1y2"
+    assert not (tmp_path / "srv").exists(), "no storage prepared for a refused start"
+    # once the job is over, the notebook gets it, and then the batch service cannot
+    batch.release("batch:ml/train-x1y2")
+    assert spawner.availability()["t4"] == (1, 1)
+    spawner.devices = spawner.allocator.allocate(
+        spawner.device_owner, spawner.selection.accelerator
+    )
+    assert batch.owner_of(T4_UUID) == "alice/" and batch.free_and_total(
+        CATALOGUE.accelerators["t4"]
+    ) == (0, 1)
+    spawner.clear_state()
+    assert batch.owner_of(T4_UUID) is None
+
+
+def test_hub_restart_drops_only_its_own_stale_claims(tmp_path, caplog):
+    fake, claims = mixed_machine(), str(tmp_path / "device-claims.json")
+    t4 = CATALOGUE.accelerators["t4"]
+    before = make_spawner(tmp_path, nvml_module=fake, device_claims_path=claims).allocator
+    running = before.allocate("alice/", t4)  # alice's server survives the restart
+    before.allocate("bob/", t4)  # bob's start was cut short by the crash
+    batch = batch_side(fake, claims)
+    batch.allocate("batch:ml/train-x1y2", CATALOGUE.accelerators["rtx5000"])
+
+    LocalGPUSpawner.use_allocator(None)  # the hub restarts: a new process-wide allocator
+    alice = make_spawner(tmp_path, nvml_module=fake, device_claims_path=claims)
+    alice.load_state({"pid": 4242, "labfleet_devices": [d.uuid for d in running]})
+    assert alice.devices == running
+    assert alice.allocator is not before
+    assert alice.allocator.owner_of("GPU-t4t4t4t4-0000-0000-0000-000000000001") == "bob/"
+    # the first hand-out question (here the spawn form) reconciles, once
+    availability = make_spawner(tmp_path, user=fake_user("carol", 3)).availability()
+    assert availability["t4"] == (1, 2) and availability["rtx5000"] == (0, 1)
+    allocator = alice.allocator
+    assert allocator.owner_of(running[0].uuid) == "alice/"
+    assert allocator.owner_of("GPU-t4t4t4t4-0000-0000-0000-000000000001") is None
+    assert batch.held_by("batch:ml/train-x1y2") != [], "the batch service's claim stays"
+    stale = [r.getMessage() for r in caplog.records if "stale device claim" in r.getMessage()]
+    assert stale == [
+        "Dropped stale device claim: GPU-t4t4t4t4-0000-0000-0000-000000000001 was held by "
+        "bob/, which this hub no longer runs"
+    ]
+
+
+async def test_restarted_hub_reconciles_once_every_server_is_restored(tmp_path):
+    fake, claims = one_t4_machine(), str(tmp_path / "device-claims.json")
+    stale = DeviceAllocator.from_discovery(
+        discover(fake), claims_path=claims, component="notebooks"
+    )
+    stale.allocate("bob/", CATALOGUE.accelerators["t4"])
+    # JupyterHub loads every running server's state before its first await
+    spawner = make_spawner(tmp_path, nvml_module=fake, device_claims_path=claims)
+    spawner.load_state({"pid": 4242})
+    assert spawner.allocator.owner_of(T4_UUID) == "bob/"
+    await asyncio.sleep(0)  # ... and then the scheduled reconcile runs, without any spawn
+    assert spawner.allocator.reconciled and spawner.allocator.owner_of(T4_UUID) is None
+
+
+async def test_corrupt_claims_registry(tmp_path, caplog):
+    fake, claims = one_t4_machine(), tmp_path / "device-claims.json"
+    claims.write_text("{garbage")
+    spawner = make_spawner(
+        tmp_path, nvml_module=fake, device_claims_path=str(claims), cmd=["/bin/false-never-run"]
+    )
+    # servers keep their recorded devices (a start after the repair claims them again)
+    spawner.load_state({"pid": 4242, "labfleet_devices": [T4_UUID]})
+    assert [d.uuid for d in spawner.devices] == [T4_UUID]
+    assert spawner.get_state()["labfleet_devices"] == [T4_UUID]
+    # the form still renders, with nothing free; a GPU start is refused with the reason
+    assert spawner.availability()["t4"] == (0, 1)
+    spawner.clear_state()  # a stop goes on, the claim question waits for the repair
+    assert spawner.devices == []
+    spawner.apply_selection({"profile": "gpu-t4"})
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.start()
+    assert refused.value.status_code == 503
+    message = refused.value.jupyterhub_message
+    assert f"the device claims registry {claims} is unusable" in message
+    assert message.endswith("an administrator must repair or remove it")
+    assert claims.read_text() == "{garbage"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(m.startswith("Spawn form shows no accelerator free") for m in errors)
+    assert any(m.startswith("Cannot release devices of") for m in errors)
+    # repaired (removed): hand-out works again
+    claims.unlink()
+    assert spawner.availability()["t4"] == (1, 1)
