@@ -37,10 +37,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labfleet_hub.posix_ids import HubIds
 from labfleet_spawner.catalogue import parse_quantity
 from labfleet_spawner.devices import (
     DeviceAllocator,
@@ -77,32 +77,6 @@ from .store import JobStore, alive, process_start_time
 from .validation import BatchRequest
 
 log = logging.getLogger(__name__)
-
-#: ``username -> (hub user id, {hub group name: hub group id})``: the ids the hub uses.
-HubIds = Callable[[str], Awaitable[tuple[int, dict[str, int]]]]
-
-
-def sqlite_hub_ids(db_path: str) -> HubIds:
-    """Hub ids read from the hub's SQLite database (single-node mode), read-only."""
-    import sqlite3
-
-    def lookup(username: str) -> tuple[int, dict[str, int]]:
-        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
-            row = conn.execute("SELECT id FROM users WHERE name = ?", (username,)).fetchone()
-            if row is None:
-                raise LookupError(f"user {username!r} is not in the hub database")
-            groups = conn.execute(
-                "SELECT g.name, g.id FROM groups g JOIN user_group_map m ON m.group_id = g.id "
-                "WHERE m.user_id = ?",
-                (row[0],),
-            ).fetchall()
-        return int(row[0]), {name: int(gid) for name, gid in groups}
-
-    async def ids(username: str) -> tuple[int, dict[str, int]]:
-        return await asyncio.to_thread(lookup, username)
-
-    return ids
-
 
 #: The batch service's side in the device claims registry shared with the hub.
 CLAIMS_COMPONENT = "batch"

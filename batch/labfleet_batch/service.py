@@ -362,12 +362,6 @@ class BatchService(Application):
         config=True,
         help="Local backend: root of home/<user>, groups/<group>, public, envs (as the spawner).",
     )
-    hub_db_path = Unicode(
-        "",
-        config=True,
-        help="""Local backend: the hub's SQLite database, read-only, for the user and group
-        ids that give jobs the same uid/gids as notebooks. Empty: jobs run as the service.""",
-    )
     device_claims_path = Unicode(
         "",
         config=True,
@@ -389,11 +383,12 @@ class BatchService(Application):
     job_ids_from_hub = Bool(
         False,
         config=True,
-        help="""Kubernetes backend: run each Job with its owner's notebook ids (``uid_base`` +
-        hub user id, the charged group's gid), read from the hub's
-        ``/hub/api/labfleet/posix-ids/<user>`` with this service's token (needs the
-        scope ``custom:labfleet:posix-ids``). Off: every Job runs as ``pod_storage``'s
-        ``run_as_uid``/``run_as_gid``.""",
+        help="""Run each job with its owner's notebook ids (``uid_base`` + hub user id, the
+        charged group's gid), read from the hub's ``/hub/api/labfleet/posix-ids/<user>``
+        with this service's token (needs the scope ``custom:labfleet:posix-ids``).
+        Off: Kubernetes Jobs run as ``pod_storage``'s ``run_as_uid``/``run_as_gid``;
+        local jobs run as the service itself. Local jobs change uid only when the
+        service runs as root.""",
     )
     fpga_devices = Dict(
         {}, config=True, help="Local backend: FPGA boards per accelerator, as the spawner's."
@@ -465,6 +460,12 @@ class BatchService(Application):
             budget=budget,
         )
 
+    def hub_ids(self):
+        """The hub ids lookup (labfleet_hub.posix_ids) with this service's token, if enabled."""
+        if not self.job_ids_from_hub:
+            return None
+        return hub_api_ids(self.hub_auth.api_url, self.hub_auth.api_token)
+
     async def make_backend(self, config: QueueConfig, catalogue: Catalogue | None = None):
         if self.backend == "kubernetes":
             from labfleet_hub.kubeclient import api_client as make_api_client
@@ -473,22 +474,19 @@ class BatchService(Application):
             from .podspec import PodStorage
 
             api_client = await make_api_client(self.kubeconfig)
-            hub_ids = None
-            if self.job_ids_from_hub:
-                hub_ids = hub_api_ids(self.hub_auth.api_url, self.hub_auth.api_token)
             return KubeBackend(
                 KubeAPI(api_client),
                 config,
                 PodStorage(**self.pod_storage),
                 catalogue=catalogue,
-                hub_ids=hub_ids,
+                hub_ids=self.hub_ids(),
                 uid_base=self.uid_base,
                 gid_base=self.gid_base,
             )
         from labfleet_spawner.devices import DeviceAllocator
         from labfleet_spawner.nvml import discover
 
-        from .local import LocalBackend, sqlite_hub_ids
+        from .local import LocalBackend
         from .store import JobStore
 
         allocator = DeviceAllocator.from_discovery(
@@ -498,7 +496,7 @@ class BatchService(Application):
             config,
             self.storage_root,
             allocator=allocator,
-            hub_ids=sqlite_hub_ids(self.hub_db_path) if self.hub_db_path else None,
+            hub_ids=self.hub_ids(),
             uid_base=self.uid_base,
             gid_base=self.gid_base,
             store=JobStore(self.state_dir) if self.state_dir else None,

@@ -458,8 +458,8 @@ def batch_command(values: dict) -> list[str]:
             f"--BatchService.device_claims_path={device_claims_path(values)}",
         ]
         # the hub's user and group ids give jobs the notebooks' uids (when root)
-        if spawner["isolate_users"] != "no" and hub["db_url"].startswith("sqlite:///"):
-            command.append(f"--BatchService.hub_db_path={hub['db_url'][len('sqlite:///') :]}")
+        if spawner["isolate_users"] != "no":
+            command.append("--BatchService.job_ids_from_hub=True")
     else:
         # Jobs run as their owner's notebook: same ids (read from the hub), same volume
         kube = spawner.get("kubernetes", {})

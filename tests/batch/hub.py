@@ -10,11 +10,13 @@ through the hub REST API). Users' tokens are real hub tokens from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -94,6 +96,17 @@ class Hub:
     @property
     def db_path(self) -> str:
         return str(self.state / "jupyterhub.sqlite")
+
+    def db_ids(self, username: str) -> tuple[int, dict[str, int]]:
+        """The user's hub ids straight from the hub's database (ground truth for tests)."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)) as db:
+            [(user_id,)] = db.execute("SELECT id FROM users WHERE name = ?", (username,))
+            groups = db.execute(
+                "SELECT g.name, g.id FROM groups g JOIN user_group_map m ON m.group_id = g.id "
+                "WHERE m.user_id = ?",
+                (user_id,),
+            ).fetchall()
+        return int(user_id), {name: int(gid) for name, gid in groups}
 
     def api(self, method: str, path: str, body=None, token: str | None = None):
         req = urllib.request.Request(

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from labfleet_batch import client as batch_client
-from labfleet_batch.local import LocalBackend, sqlite_hub_ids
+from labfleet_batch.local import LocalBackend
 from labfleet_batch.queues import parse_queue_config
 from labfleet_batch.validation import Limits
+from labfleet_hub.posix_ids import hub_api_ids
 from labfleet_spawner.catalogue import load_catalogue
 from labfleet_spawner.devices import DeviceAllocator
 from labfleet_spawner.nvml import GpuDevice
@@ -75,7 +76,7 @@ async def local_service(hub, qconfig, storage_root, devices, **backend_options):
         qconfig,
         str(storage_root),
         allocator=DeviceAllocator(devices),
-        hub_ids=sqlite_hub_ids(hub.db_path),
+        hub_ids=hub_api_ids(hub.url, hub.batch_token),
         kill_grace=2,
         **backend_options,
     )

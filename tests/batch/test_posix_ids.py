@@ -11,7 +11,6 @@ import urllib.error
 import uuid
 
 import pytest
-from labfleet_batch.local import sqlite_hub_ids
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 
 
@@ -20,7 +19,7 @@ async def test_service_reads_the_ids_the_hub_database_holds(hub):
     hub.add_user(name, ["ml", "physics"])
     via_api = await hub_api_ids(hub.url, hub.batch_token)(name)
     # the same numbers the spawners add their uid/gid bases to
-    via_db = await sqlite_hub_ids(hub.db_path)(name)
+    via_db = hub.db_ids(name)
     assert via_api == via_db
     user_id, groups = via_api
     assert user_id >= 1 and set(groups) == {"ml", "physics"}

@@ -19,7 +19,6 @@ import pytest
 from k8s_helpers import wait_for
 from kubernetes_asyncio import client as k8s
 from labfleet_batch.kube import KubeAPI, KubeBackend, KubeError
-from labfleet_batch.local import sqlite_hub_ids
 from labfleet_batch.podspec import PodStorage
 from labfleet_batch.queues import parse_queue_config, sync_queues
 from labfleet_batch.rbac import rbac_objects
@@ -175,7 +174,7 @@ async def test_submit_to_admitted_job_on_the_right_flavor(k8s_cluster, hub):  # 
         pod = wait_for("a running pod", lambda: env.pod_of("ml", name), 30)
         assert pod["spec"]["nodeName"] == "gpu-t4-01"
         # alice's notebook uid and private gid, and the gid of the group charged
-        user_id, group_ids = await sqlite_hub_ids(hub.db_path)(alice)
+        user_id, group_ids = hub.db_ids(alice)
         security = pod["spec"]["securityContext"]
         assert security["runAsUser"] == security["runAsGroup"] == DEFAULT_UID_BASE + user_id
         assert security["supplementalGroups"] == [DEFAULT_GID_BASE + group_ids[group]]

@@ -81,8 +81,8 @@ def test_command_is_understood_by_the_service(config_dir):
     assert app.catalogue_path == values["catalogue"]
     assert app.storage_root == values["spawner"]["storage_root"]
     assert app.state_dir == str(config_dir / "state" / "batch")
-    # the hub's database gives jobs the notebooks' uids
-    assert app.hub_db_path == str(config_dir / "state" / "jupyterhub.sqlite")
+    # the hub's ids give jobs the notebooks' uids
+    assert app.job_ids_from_hub is True
     assert app.budget_db_url == ""
     # notebooks and jobs claim this machine's devices through one registry
     c = Config()
@@ -95,7 +95,7 @@ def test_no_isolation_means_no_hub_ids(config_dir):
     data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
     data["spawner"]["isolate_users"] = "no"
     (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
-    assert not any("hub_db_path" in arg for arg in batch_command(values_for(config_dir)))
+    assert not any("job_ids_from_hub" in arg for arg in batch_command(values_for(config_dir)))
 
 
 def test_budgets_read_the_accounting_database(config_dir):
