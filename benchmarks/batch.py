@@ -118,6 +118,8 @@ def start_service(
         f"c.BatchService.catalogue_path = {str(catalogue_path)!r}\n"
         f"c.BatchService.queues_path = {str(workdir / 'queues.yaml')!r}\n"
         "c.BatchService.pod_storage = {'volume': {'emptyDir': {}}}\n"
+        # as labfleet up configures it: Jobs run with their owner's hub ids
+        "c.BatchService.job_ids_from_hub = True\n"
     )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")},

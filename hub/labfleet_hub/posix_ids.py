@@ -18,6 +18,7 @@ the caller adds its configured bases, exactly as the spawners do.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
@@ -60,10 +61,28 @@ class HubIdsUnavailable(Exception):
     """The hub could not say which ids a user has; the message is meant for the user."""
 
 
-def hub_api_ids(api_url: str, api_token: str, timeout: float = 10.0) -> HubIds:
-    """A :data:`HubIds` lookup through the hub's REST API with a service token."""
+def hub_api_ids(
+    api_url: str, api_token: str, timeout: float = 10.0, cache_seconds: float = 60.0
+) -> HubIds:
+    """A :data:`HubIds` lookup through the hub's REST API with a service token.
+
+    Answers are kept ``cache_seconds``: a user's ids never change, and a new
+    group membership reaches jobs within that time, while a burst of
+    submissions costs the hub one request per user, not one per job.
+    """
+    cache: dict[str, tuple[float, tuple[int, dict[str, int]]]] = {}
 
     async def ids(username: str) -> tuple[int, dict[str, int]]:
+        now = time.monotonic()
+        hit = cache.get(username)
+        if hit is not None and hit[0] > now:
+            user_id, groups = hit[1]
+            return user_id, dict(groups)
+        user_id, groups = await fetch(username)
+        cache[username] = (now + cache_seconds, (user_id, groups))
+        return user_id, dict(groups)
+
+    async def fetch(username: str) -> tuple[int, dict[str, int]]:
         request = HTTPRequest(
             f"{api_url.rstrip('/')}/labfleet/posix-ids/{quote(username, safe='')}",
             headers={"Authorization": f"token {api_token}"},

@@ -46,3 +46,16 @@ async def test_user_tokens_may_not_read_ids(hub):
             hub.api("GET", f"/labfleet/posix-ids/{target}", token=token)
         assert err.value.code == 403
     assert probes == refused == 2
+
+
+async def test_answers_are_cached_for_a_while_then_refreshed(hub):
+    name = "idsc" + uuid.uuid4().hex[:6]
+    hub.add_user(name, ["ml"])
+    cached = hub_api_ids(hub.url, hub.batch_token, cache_seconds=3600)
+    fresh = hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)
+    assert set((await cached(name))[1]) == set((await fresh(name))[1]) == {"ml"}
+    hub.add_user(name, ["cms"])  # a new group membership
+    # within cache_seconds the old answer stands (one hub request per user per burst) ...
+    assert set((await cached(name))[1]) == {"ml"}
+    # ... and once it expires the new group is seen
+    assert set((await fresh(name))[1]) == {"ml", "cms"}
