@@ -24,8 +24,11 @@
   :meth:`LocalBackend.restore` reloads them: a job whose processes still run
   (same pid *and* start time) is watched again until they end; one whose
   processes are gone is finished from its exit status files; a job that was
-  still waiting is failed with a message (its request is not kept). Then the
-  batch claims in the shared registry that no restored job holds are dropped.
+  still waiting goes back into the queue, its stored request checked again
+  against the current configuration (:mod:`.local_restore`; failed with a
+  message when that refuses it, or for rows without a request). Then the
+  batch claims in the shared registry that no restored job holds are dropped,
+  and only then may waiting jobs start.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labfleet_hub.posix_ids import HubIds
-from labfleet_spawner.catalogue import parse_quantity
+from labfleet_spawner.catalogue import Catalogue, parse_quantity
 from labfleet_spawner.devices import (
     DeviceAllocator,
     DeviceClaimsError,
@@ -62,6 +65,7 @@ from labfleet_spawner.storage import (
 )
 
 from . import jobs as jobbuilder
+from .local_restore import requeue, stored_request
 from .model import (
     CANCELLED,
     FAILED,
@@ -74,7 +78,7 @@ from .model import (
 )
 from .queues import QueueConfig
 from .store import JobStore, alive, process_start_time
-from .validation import BatchRequest
+from .validation import BatchRequest, Limits
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +92,8 @@ EXIT_WRAPPER = 'rc=0; "$@" || rc=$?; echo "$rc" > "$0.tmp" && mv -f "$0.tmp" "$0
 @dataclass
 class _Job:
     record: JobRecord
-    request: BatchRequest | None  # None: restored after a restart
-    layout: StorageLayout | None = None
+    request: BatchRequest | None  # None: restored after it had started (or without a request)
+    layout: StorageLayout | None = None  # None: restored while waiting; looked up when it starts
     isolate: bool = False
     submitted: float = 0.0
     devices: list = field(default_factory=list)
@@ -160,6 +164,9 @@ class LocalBackend:
         # A scheduling pass due because a job waits for a device another process
         # (the hub) holds: that process cannot tell us when it gives it back.
         self._retry: asyncio.TimerHandle | None = None
+        # No job starts until restore has seen every record: a running one that is not
+        # loaded yet holds quota and devices that a waiting one must not get.
+        self._restoring = False
 
     # -- identity and folders --------------------------------------------------------
 
@@ -265,15 +272,39 @@ class LocalBackend:
             "submitted": job.submitted,
             "deadline": job.deadline,
         }
+        if job.request is not None and job.record.state == QUEUED:
+            # Only while it waits: once started its script and files are in its folder and a
+            # restart follows its processes; its env values are not kept longer than needed.
+            extra["request"] = stored_request(job.request)
         self.store.save(job.record, extra)
 
-    async def restore(self) -> int:
+    async def restore(
+        self, catalogue: Catalogue | None = None, limits: Limits | None = None
+    ) -> int:
         """Reload the stored jobs and reconcile those that were not finished; returns how many.
 
-        Then drop the batch claims no restored job holds (a shared registry
-        keeps those of an earlier service process; the hub's stay).
+        Waiting jobs are queued again once their stored requests pass the
+        checks of a new submission against ``catalogue``, this backend's queue
+        configuration and ``limits`` (the service's). Then drop the batch
+        claims no restored job holds (a shared registry keeps those of an
+        earlier service process; the hub's stay) and start what fits.
         """
         loaded = await asyncio.to_thread(self.store.load) if self.store is not None else []
+        self._restoring = True
+        try:
+            requeued = self._restore_records(loaded, catalogue, limits)
+        finally:
+            self._restoring = False
+        if loaded:
+            log.info(
+                "Restored %d batch job record(s), %d of them waiting again", len(loaded), requeued
+            )
+        self._reconcile_claims()
+        self._schedule()
+        return len(loaded)
+
+    def _restore_records(self, loaded, catalogue: Catalogue | None, limits: Limits | None) -> int:
+        requeued = 0
         for record, extra in loaded:
             job = _Job(
                 record,
@@ -286,9 +317,20 @@ class LocalBackend:
             self._seq = max(self._seq, job.submitted)
             self._jobs[(record.group, record.name)] = job
             if record.state == QUEUED:
-                self._finish(
-                    job, FAILED, "the batch service restarted before this job started; submit again"
+                job.request, why = requeue(
+                    extra.get("request"),
+                    catalogue=catalogue,
+                    config=self.config,
+                    limits=limits,
+                    group=record.group,
                 )
+                if job.request is None:
+                    if extra.get("request"):  # names what is gone; never values
+                        log.warning("Not queueing %s again: %s", record.id, why)
+                    self._finish(job, FAILED, why)
+                else:
+                    job.isolate = self.isolate
+                    requeued += 1
             elif record.state == RUNNING:
                 uuids = extra.get("devices", [])
                 try:
@@ -303,10 +345,7 @@ class LocalBackend:
                     job.task = asyncio.get_running_loop().create_task(self._watch_restored(job))
                 else:
                     self._conclude_restored(job)
-        if loaded:
-            log.info("Restored %d batch job record(s)", len(loaded))
-        self._reconcile_claims()
-        return len(loaded)
+        return requeued
 
     def _reconcile_claims(self) -> None:
         try:
@@ -434,6 +473,8 @@ class LocalBackend:
         return ""
 
     def _schedule(self) -> None:
+        if self._restoring:
+            return
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -555,6 +596,12 @@ class LocalBackend:
             job.pids.pop(index, None)
 
     async def _run(self, job: _Job) -> None:
+        if job.layout is None:  # queued again after a restart: its folders are looked up now
+            try:
+                job.layout = await self._layout(job.record.user, job.record.group)
+            except Exception as e:  # the hub's ids, the folders: say why, never hang running
+                self._finish(job, FAILED, f"cannot prepare the job's user and folders: {e}")
+                return
         req = job.request
         per = req.selection.count
         slots = [job.devices[i * per : (i + 1) * per] for i in range(req.parallelism)]

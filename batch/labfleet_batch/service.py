@@ -502,7 +502,8 @@ class BatchService(Application):
             store=JobStore(self.state_dir) if self.state_dir else None,
             device_claims_path=self.device_claims_path,
         )
-        await backend.restore()
+        # waiting jobs are checked again as new submissions would be
+        await backend.restore(catalogue, Limits(**self.limits))
         return backend
 
     def start(self):

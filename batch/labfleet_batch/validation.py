@@ -94,6 +94,9 @@ class BatchRequest:
     max_run_time: int = 3600
     priority: str = "normal"
     offload: bool = False
+    #: The submitter's hub groups it was checked with (they decide which profiles are
+    #: offered): what a restarted local backend checks a waiting job against again.
+    user_groups: tuple[str, ...] = ()
 
     def __hash__(self):
         return hash((self.group, self.name, self.command, self.script))
@@ -351,4 +354,40 @@ def validate_request(
         max_run_time=max_run_time,
         priority=priority,
         offload=offload,
+        user_groups=tuple(user_groups),
     )
+
+
+def request_fields(request: BatchRequest) -> dict[str, Any]:
+    """The submission that :func:`validate_request` turns back into ``request``.
+
+    Every default is written out as it was resolved at submit time (profile,
+    image, size, run time, priority): checked again against a changed
+    configuration, a choice that is gone is refused by name instead of being
+    resolved to something else.
+    """
+    sel = request.selection
+    fields: dict[str, Any] = {
+        "name": request.name,
+        "group": request.group,
+        "profile": sel.profile.name,
+        "image": sel.image.name,
+        "size": sel.size.name,
+        "completions": request.completions,
+        "parallelism": request.parallelism,
+        "max_run_time": request.max_run_time,
+        "priority": request.priority,
+        "offload": request.offload,
+    }
+    if request.script is not None:
+        fields["script"] = request.script
+    else:
+        fields["command"] = list(request.command)
+    if sel.accelerator is not None:
+        fields["accelerator"] = sel.accelerator.name
+        fields["count"] = sel.count
+    if request.files:
+        fields["files"] = dict(request.files)
+    if request.env:
+        fields["env"] = dict(request.env)
+    return fields

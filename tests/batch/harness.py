@@ -123,3 +123,24 @@ async def cross_tenant_matrix(
             else:
                 failures.append(f"{prober} sees {job_id} in own list")
     return probes, refusals, failures
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # the state follows the command name, which may itself contain ") "
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_processes_gone(pids, timeout: float = 15.0) -> list[int]:
+    """Wait until every pid has exited; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if not process_gone(p)]
+        if alive:
+            time.sleep(0.05)
+    return alive

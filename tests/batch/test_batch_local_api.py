@@ -23,7 +23,12 @@ from labfleet_spawner.nvml import GpuDevice
 from labfleet_spawner.storage import DEFAULT_UID_BASE
 from tornado import web
 
-from tests.batch.harness import cross_tenant_matrix, make_context, running_service
+from tests.batch.harness import (
+    cross_tenant_matrix,
+    make_context,
+    running_service,
+    wait_processes_gone,
+)
 from tests.unit.test_local_spawner import make_spawner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,9 +270,8 @@ async def test_cancel_kills_process_group_and_deadline_fails_job(service, users)
     pids = [int((workdir / f).read_text()) for f in ("child.pid", "main.pid")]
     r = await service.call("DELETE", f"api/jobs/{job['id']}", token)
     assert r.body["state"] == "cancelled"
-    await asyncio.sleep(0.2)
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    # SIGTERM to the whole process group: the script and its background child end
+    assert await asyncio.to_thread(wait_processes_gone, pids) == []
     slow = (
         await service.call("POST", "api/jobs", token, {"script": "sleep 60", "max_run_time": 1})
     ).body

@@ -4,7 +4,9 @@ The service runs as ``python -m labfleet_batch.service`` (HubAuth against the
 session's real hub); it is SIGKILLed while jobs run, and a new process on the
 same state directory must list, show and serve logs of the old jobs and
 reconcile the running ones: still alive -> running (then finished from its
-exit status), gone -> failed, never started -> failed, cancel still works.
+exit status), gone -> failed, cancel still works; and queue the waiting ones
+again, in their order, to run as slots free up with the output they would have
+had without the restart.
 
 With device claims shared with the hub: a killed service's running GPU job
 keeps its claim, and the next backend drops only the batch claims it did not
@@ -17,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ from labfleet_spawner.catalogue import load_catalogue
 from labfleet_spawner.devices import DeviceAllocator
 from labfleet_spawner.nvml import GpuDevice
 
+from tests.batch.harness import wait_processes_gone
 from tests.batch.hub import BATCH_SCOPE, Hub
 from tests.conftest import free_port
 
@@ -129,27 +133,49 @@ def service(hub, tmp_path):
         svc.kill()
 
 
+GATED = "until [ -e go ]; do sleep 0.1; done; echo {}"  # runs until the test creates ./go
+
+
 def test_records_survive_a_killed_service_and_running_jobs_are_reconciled(service, hub):
     group = service.group
     token = hub.add_user(f"restart{os.urandom(3).hex()}", [group])
 
-    def submit(name, script, **kw):
-        body = {"name": name, "script": script, "group": group, **kw}
+    def submit(name, script=None, **kw):
+        body = {"name": name, "group": group, **kw}
+        if script is not None:
+            body["script"] = script
         status, body = service.call("POST", "api/jobs", token, body)
         assert status == 201, body
         return body["id"]
+
+    def get(job):
+        status, body = service.call("GET", f"api/jobs/{job}", token)
+        assert status == 200, body
+        return body
+
+    def open_gate(job):
+        (Path(get(job)["workdir"]) / "go").touch()
 
     done = submit("done", "echo first")
     service.wait_state(done, token, {"succeeded"})
     failed = submit("failed", "echo bad; exit 3")
     service.wait_state(failed, token, {"failed"})
-    later = submit("later", "sleep 3; echo later")
+    later = submit("later", GATED.format("later"))
     lost = submit("lost", "echo $$ > main.pid; sleep 60")
     cancel = submit("cancel", "echo $$ > main.pid; sleep 60")
     for job in (later, lost, cancel):
         service.wait_state(job, token, {"running"})
-    queued = submit("queued", "echo never")  # max_running 3: waits
-    assert service.call("GET", f"api/jobs/{queued}", token)[1]["state"] == "queued"
+    # max_running 3: these wait, high priority first, then in submission order
+    inputs = submit(
+        "inputs", 'echo "$GREETING $JOB_COMPLETION_INDEX"; cat in.txt',
+        files={"in.txt": "from a file\n"}, env={"GREETING": "hello"}, completions=2,
+    )  # fmt: skip
+    second = submit("second", command=["echo", "second"])
+    high = submit("high", GATED.format("high"), priority="high")
+    dropped = submit("dropped", "echo never", priority="low")
+    waiting = (high, inputs, second, dropped)
+    before = [get(job)["queue"] for job in waiting]
+    assert [q["position"] for q in before] == [1, 2, 3, 4], before
     _, lost_job = service.call("GET", f"api/jobs/{lost}", token)
     pid_file = Path(lost_job["workdir"]) / "main.pid"
     for _ in range(50):
@@ -165,31 +191,53 @@ def test_records_survive_a_killed_service_and_running_jobs_are_reconciled(servic
     status, body = service.call("GET", "api/jobs", token)
     assert status == 200
     states = {j["id"]: j["state"] for j in body["jobs"]}
-    assert set(states) == {done, failed, later, lost, cancel, queued}
+    assert set(states) == {done, failed, later, lost, cancel, *waiting}
     assert states[done] == "succeeded" and states[failed] == "failed"
     assert states[later] == "running" and states[cancel] == "running"
+    # lost's slot went to the first waiting job; the others wait in their old order
+    assert states[lost] == "failed" and "left no exit status" in get(lost)["message"]
+    assert states[high] == "running"
+    after = {job: get(job) for job in (inputs, second, dropped)}
+    assert all(j["state"] == "queued" for j in after.values()), after
+    assert [j["queue"]["position"] for j in after.values()] == [1, 2, 3], after
+    assert after[dropped]["queue"]["pending_in_queue"] == 3
     # logs of old jobs are still served
     assert service.call("GET", f"api/jobs/{done}/logs?index=0", token)[1] == "first\n"
     assert service.call("GET", f"api/jobs/{failed}/logs?index=0", token)[1] == "bad\n"
-    gone = service.wait_state(lost, token, {"failed"})
-    assert "left no exit status" in gone["message"]
-    never = service.wait_state(queued, token, {"failed"})
-    assert "restarted before this job started" in never["message"]
-    # a job still running is watched to its end and finished by its exit status
+    # a job queued again can be cancelled while it waits
+    status, body = service.call("DELETE", f"api/jobs/{dropped}", token)
+    assert status == 200 and body["state"] == "cancelled"
+    assert [get(job)["queue"]["position"] for job in (inputs, second)] == [1, 2]
+    # a job still running is watched to its end and finished by its exit status ...
+    open_gate(later)
     finished = service.wait_state(later, token, {"succeeded", "failed"}, timeout=20)
     assert finished["state"] == "succeeded", finished
     assert service.call("GET", f"api/jobs/{later}/logs?index=0", token)[1] == "later\n"
+    # ... and its slot runs the waiting jobs, one after the other, as without a restart
+    for job in (inputs, second):
+        assert service.wait_state(job, token, {"succeeded", "failed"})["state"] == "succeeded"
+    logs = [service.call("GET", f"api/jobs/{inputs}/logs?index={i}", token)[1] for i in (0, 1)]
+    assert logs == ["hello 0\nfrom a file\n", "hello 1\nfrom a file\n"]
+    assert service.call("GET", f"api/jobs/{second}/logs?index=0", token)[1] == "second\n"
+    open_gate(high)
+    assert service.wait_state(high, token, {"succeeded", "failed"})["state"] == "succeeded"
+    assert service.call("GET", f"api/jobs/{high}/logs?index=0", token)[1] == "high\n"
+    assert service.call("GET", f"api/jobs/{dropped}/logs?index=0", token)[0] == 409
     # cancelling a job the previous service started kills its process group
     status, body = service.call("DELETE", f"api/jobs/{cancel}", token)
     assert status == 200 and body["state"] == "cancelled"
     cancelled_pid = int((Path(body["workdir"]) / "main.pid").read_text())
-    time.sleep(0.3)
-    stat = Path(f"/proc/{cancelled_pid}/stat")
-    assert not stat.exists() or ") Z " in stat.read_text()
+    assert wait_processes_gone([cancelled_pid]) == []
     # another user still sees none of it after the restart
     other = hub.add_user(f"other{os.urandom(3).hex()}", [f"x{group}"])
     assert service.call("GET", f"api/jobs/{done}", other)[0] == 404
     assert (service.workdir / "state" / "jobs.sqlite").stat().st_mode & 0o777 == 0o600
+    assert (service.workdir / "state").stat().st_mode & 0o777 == 0o700
+    # the scripts, files and env of the waiting jobs left the store once they were not waiting
+    with contextlib.closing(sqlite3.connect(service.workdir / "state" / "jobs.sqlite")) as db:
+        assert [r for r in db.execute("SELECT extra FROM jobs") if '"request"' in r[0]] == []
+    # nothing of them in the service's log either
+    assert "from a file" not in (service.workdir / "service.log").read_text()
 
 
 # -- device claims shared with the hub across a restart ------------------------------------
