@@ -626,6 +626,13 @@ class LocalBackend:
         except asyncio.CancelledError:
             await self._kill_all(job)
             raise
+        except Exception as e:
+            # e.g. its folder was removed while it waited: the job must end, not stay
+            # "running" with its quota and devices held forever
+            log.exception("Job %s could not run", job.owner)
+            await self._kill_all(job)
+            self._finish(job, FAILED, f"could not start the job's processes: {e}")
+            return
         job.record.succeeded = sum(1 for c in codes if c == 0)
         job.record.failed = len(codes) - job.record.succeeded
         if job.cancelled:

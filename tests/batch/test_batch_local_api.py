@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sqlite3
 import tempfile
 import uuid
@@ -185,6 +186,23 @@ async def test_group_quota_queues_second_job_with_position(service, users, group
     done = await service.wait_state(second["id"], token, {"succeeded"})
     assert done["state"] == "succeeded"
     await service.wait_state(third["id"], token, {"succeeded"})
+
+
+async def test_waiting_job_whose_folder_vanished_fails_and_frees_its_slot(service, users):
+    bob, token = by_prefix(users, "bob")  # cms: max_running 1
+    first = (await service.call("POST", "api/jobs", token, {"script": "sleep 30"})).body
+    await service.wait_state(first["id"], token, {"running"})
+    second = (await service.call("POST", "api/jobs", token, {"script": "echo second"})).body
+    third = (await service.call("POST", "api/jobs", token, {"script": "echo third"})).body
+    # someone removes the waiting job's folder (a clean-up script, a full disk...)
+    shutil.rmtree(second["workdir"])
+    await service.call("DELETE", f"api/jobs/{first['id']}", token)
+    failed = await service.wait_state(second["id"], token, {"failed", "succeeded"}, timeout=20)
+    assert failed["state"] == "failed"
+    assert "could not start the job's processes" in failed["message"], failed
+    # not stuck "running" holding the group's only slot: the next job runs
+    done = await service.wait_state(third["id"], token, {"failed", "succeeded"}, timeout=20)
+    assert done["state"] == "succeeded", done
 
 
 async def test_gpu_exclusive_and_shared_allocator(service, users, groups, t4):
