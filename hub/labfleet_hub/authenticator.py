@@ -302,13 +302,11 @@ class IAMAuthenticator(GenericOAuthenticator):
 
     def get_handlers(self, app):
         handlers = list(super().get_handlers(app))
+        from .api_handlers import IAM_TOKEN_HANDLERS, POSIX_IDS_HANDLERS
+
         if self.notebook_token_endpoint:
-            from .tokens import IAMTokenHandler
-
-            handlers.append((r"/api/labfleet/iam-token/([^/]+)", IAMTokenHandler))
+            handlers += IAM_TOKEN_HANDLERS
         # services that act as a user's notebook (batch Jobs) read its uid/gids here
-        from .posix_ids import HANDLERS as POSIX_IDS_HANDLERS
-
         return [*handlers, *POSIX_IDS_HANDLERS]
 
     async def pre_spawn_start(self, user, spawner):

@@ -11,7 +11,9 @@ hub therefore serves::
     -> {"name": "alice", "id": 3, "groups": {"ml": 2, "users": 1}}
 
 allowed only with the custom scope ``custom:labfleet:posix-ids`` (the batch
-service's role has it; users and notebooks do not). Ids are the raw hub ids:
+service's role has it; users and notebooks do not); the handler is
+:class:`labfleet_hub.api_handlers.PosixIdsHandler`, this module is the
+services' side and imports nothing of the hub's server. Ids are the raw hub ids:
 the caller adds its configured bases, exactly as the spawners do.
 """
 
@@ -22,10 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
-from jupyterhub.apihandlers.base import APIHandler
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-
-from .tokens import require_user_scope
 
 #: The custom scope that lets a service read a user's hub ids.
 POSIX_IDS_SCOPE = "custom:labfleet:posix-ids"
@@ -37,24 +36,6 @@ CUSTOM_SCOPES = {
 
 #: ``username -> (hub user id, {hub group name: hub group id})``.
 HubIds = Callable[[str], Awaitable[tuple[int, dict[str, int]]]]
-
-
-class PosixIdsHandler(APIHandler):
-    """``GET /hub/api/labfleet/posix-ids/<user>``: the user's hub ids as JSON."""
-
-    async def get(self, user_name):
-        require_user_scope(self, POSIX_IDS_SCOPE, user_name, "read the hub ids of")
-        user = self.find_user(user_name)
-        if user is None:
-            self.set_status(404)
-            self.write(json.dumps({"status": 404, "message": f"no hub user {user_name!r}"}))
-            return
-        groups = {g.name: int(g.id) for g in user.groups}
-        self.write(json.dumps({"name": user.name, "id": int(user.id), "groups": groups}))
-
-
-#: The hub routes to add (an Authenticator's ``get_handlers``; the hub prefixes them).
-HANDLERS = [(r"/api/labfleet/posix-ids/([^/]+)", PosixIdsHandler)]
 
 
 class HubIdsUnavailable(Exception):

@@ -42,14 +42,14 @@ c.JupyterHub.db_url = "sqlite:///{state}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "{state}/cookie_secret"
 c.JupyterHub.pid_file = "{state}/jupyterhub.pid"
 from jupyterhub.auth import DummyAuthenticator
-from labfleet_hub import posix_ids
+from labfleet_hub import api_handlers, posix_ids
 
 
 class IdsAuthenticator(DummyAuthenticator):
     # serves the hub ids endpoint, as labfleet's IAMAuthenticator does
 
     def get_handlers(self, app):
-        return [*super().get_handlers(app), *posix_ids.HANDLERS]
+        return [*super().get_handlers(app), *api_handlers.POSIX_IDS_HANDLERS]
 
 
 c.JupyterHub.authenticator_class = IdsAuthenticator
