@@ -256,6 +256,18 @@ def compute_availability(
 # -- keeping an index up to date from the API server ----------------------------------
 
 
+class ListRefused(Exception):
+    """The API server answered a list with an error (e.g. 403: the hub lacks RBAC)."""
+
+    def __init__(self, kind: str, status: int, body: bytes):
+        try:
+            message = json.loads(body).get("message", "")
+        except (ValueError, AttributeError):
+            message = body[:200].decode(errors="replace")
+        super().__init__(f"listing {kind} answered HTTP {status}: {message}")
+        self.status = status
+
+
 class ClusterWatch:
     """List nodes and pods once, then watch both, feeding an :class:`AvailabilityIndex`.
 
@@ -339,7 +351,13 @@ class ClusterWatch:
                 if resource_version is None:
                     self.api_calls += 1
                     response = await method(_preload_content=False, **kwargs)
-                    listed = json.loads(await response.read())
+                    body = await response.read()
+                    # without preloading, the client does not raise on an HTTP error: a
+                    # 403's Status body must not replace the index (as an empty list)
+                    status = getattr(response, "status", 200)
+                    if status >= 400:
+                        raise ListRefused(kind, status, body)
+                    listed = json.loads(body)
                     replace(listed.get("items") or [])
                     resource_version = listed["metadata"]["resourceVersion"]
                     self._loaded[kind].set()

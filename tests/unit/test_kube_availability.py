@@ -188,8 +188,9 @@ def test_index_incremental_events_match_full_recompute():
 
 
 class FakeResponse:
-    def __init__(self, body):
+    def __init__(self, body, status=200):
         self.body = json.dumps(body).encode()
+        self.status = status
 
     async def read(self):
         return self.body
@@ -202,6 +203,7 @@ class FakeApi:
         self.items = {"list_node": nodes, "list_pod_for_all_namespaces": pods}
         self.events = {k: asyncio.Queue() for k in self.items}
         self.calls = []
+        self.refuse: dict[str, str] = {}  # method -> message of a 403 answer
 
     def __getattr__(self, name):
         if name not in self.items:
@@ -209,6 +211,9 @@ class FakeApi:
 
         async def method(**kwargs):
             self.calls.append((name, kwargs))
+            if name in self.refuse:
+                status = {"kind": "Status", "code": 403, "message": self.refuse[name]}
+                return FakeResponse(status, status=403)
             return FakeResponse({"items": self.items[name], "metadata": {"resourceVersion": "1"}})
 
         method.api_name = name
@@ -238,6 +243,8 @@ class FakeWatch:
         event = await self.queue.get()
         if event is None:
             raise StopAsyncIteration
+        if isinstance(event, Exception):  # the connection breaks
+            raise event
         return event
 
 
@@ -296,6 +303,30 @@ async def test_cluster_watch_relists_after_error():
                 break
             await asyncio.sleep(0.05)
         assert len([c for c in api.calls if c[0] == "list_node"]) >= 2
+    finally:
+        await watch.stop()
+
+
+async def test_a_refused_list_keeps_the_index_and_says_why(caplog):
+    """Without preloading the client does not raise on HTTP errors; a 403 Status body
+    must neither empty the index nor be read as a list."""
+    api = FakeApi(fleet_nodes(), [pod("a", "gpu-a30-01", {GPU: 1})])
+    watch = ClusterWatch(api, watch_factory=lambda: FakeWatch(api))
+    watch.start()
+    try:
+        assert await watch.wait_ready(5)
+        before = watch.index.availability(CATALOGUE, [])
+        assert before["a30"] == (0, 1)
+        # RBAC changes under the hub, then the pod watch breaks and the loop relists
+        api.refuse["list_pod_for_all_namespaces"] = 'pods is forbidden: User "hub"'
+        await api.events["list_pod_for_all_namespaces"].put(RuntimeError("connection reset"))
+        for _ in range(100):
+            if "HTTP 403" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "listing pods answered HTTP 403: pods is forbidden" in caplog.text
+        # the last good view stands; nothing was replaced by the error body
+        assert watch.index.availability(CATALOGUE, []) == before
     finally:
         await watch.stop()
 
