@@ -45,3 +45,20 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30, interval: fl
                 return last
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def delete_queue_layout(cluster, config, catalogue) -> None:
+    """Remove what ``sync_queues`` applied for ``config`` (namespaces and cluster-scoped
+    flavors, ClusterQueues, priority classes), so tests leave the shared cluster clean."""
+    import yaml
+    from labfleet_batch.queues import queue_objects
+
+    cluster.kubectl(
+        "delete",
+        "-f",
+        "-",
+        "--wait=false",
+        "--ignore-not-found",
+        input=yaml.safe_dump_all(queue_objects(config, catalogue)),
+        check=False,
+    )

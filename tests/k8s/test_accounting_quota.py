@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from jupyterhub.services.auth import HubOAuth
-from k8s_helpers import wait_for
+from k8s_helpers import delete_queue_layout, wait_for
 from kubernetes_asyncio import client as k8s
 from labfleet_accounting import db
 from labfleet_accounting.budgets import BudgetChecker
@@ -67,10 +67,7 @@ async def queues(k8s_cluster, tmp_path):
     try:
         yield kube, config, manager
     finally:
-        for group in config.groups:
-            k8s_cluster.kubectl(
-                "delete", "clusterqueue", config.cluster_queue(group), "--wait=false", check=False
-            )
+        delete_queue_layout(k8s_cluster, config, CATALOGUE)
         await api.close()
         engine.dispose()
 

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from k8s_helpers import wait_for
+from k8s_helpers import delete_queue_layout, wait_for
 from kubernetes_asyncio import client as k8s
 from labfleet_batch.kube import KubeAPI, KubeBackend, KubeError
 from labfleet_batch.podspec import PodStorage
@@ -103,8 +103,7 @@ class Env:
         await self._service.__aexit__(*exc)
         await self.sa_client.close()
         await self.admin.close()
-        for group in self.names:
-            self.cluster.kubectl("delete", "namespace", self.ns(group), "--wait=false", check=False)
+        delete_queue_layout(self.cluster, self.config, CATALOGUE)
 
     def get(self, *args, ns: str | None = None) -> dict:
         extra = ("-n", ns) if ns else ()

@@ -1,0 +1,124 @@
+"""RBAC for the accounting service's ServiceAccount in Kubernetes mode: one ClusterRole.
+
+Exactly the API calls the service makes, nothing more:
+
+1. ``pods`` (core group), ``list`` + ``watch``, cluster-wide: the collector
+   (:class:`labfleet_accounting.kube.KubePodSource`) lists and watches
+   labfleet pods in every namespace (``list_pod_for_all_namespaces``, with and
+   without ``watch=True``). It never reads a single pod by name, so no ``get``.
+   Notebook pods live in user namespaces the service cannot know in advance,
+   hence a ClusterRole rather than per-namespace Roles.
+2. ``clusterqueues`` (``kueue.x-k8s.io``), ``get`` + ``patch``, limited by
+   ``resourceNames`` to the platform's group ClusterQueues: the
+   :class:`~labfleet_accounting.quotas.QuotaManager` reads a group's queue by
+   name and writes it back with a merge patch. On a shared cluster a
+   compromised service can therefore not touch other tenants' queues, and it
+   can never create, replace (``update``) or delete any queue. No ``list``:
+   ``resourceNames`` cannot restrict it, and the code does not need it.
+
+No secrets, no Jobs or Kueue Workloads (the collector sees batch usage through
+the Jobs' pods), no namespaced writes. An empty ClusterQueue list leaves rule
+2 out: an empty ``resourceNames`` would mean *every* name.
+
+The ClusterQueue names come from the batch queue configuration
+(:func:`cluster_queue_names`, ``<name_prefix><group>`` as
+:meth:`labfleet_batch.queues.QueueConfig.cluster_queue` names them, the same
+names the service's ``queue_name_prefix`` makes). ``accounting/manifests/rbac.yaml``
+is this module's output for the bundled ``config/labfleet.yaml``; regenerate
+it for your groups with ``python -m labfleet_accounting.rbac CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+
+ROLE_NAME = "labfleet-accounting"
+RBAC_API = "rbac.authorization.k8s.io"
+
+POD_RULE = {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}
+CLUSTER_QUEUE_VERBS = ["get", "patch"]
+
+
+def cluster_queue_names(config) -> list[str]:
+    """The groups' ClusterQueues of a :class:`labfleet_batch.queues.QueueConfig`, sorted.
+
+    Only the group queues: the quota manager never touches the offload queue.
+    """
+    return sorted(config.cluster_queue(group) for group in config.groups)
+
+
+def accounting_rbac_objects(
+    service_account: str,
+    sa_namespace: str,
+    cluster_queues: Iterable[str],
+    name: str = ROLE_NAME,
+) -> list[dict]:
+    """The ClusterRole and ClusterRoleBinding of the accounting service (pure)."""
+    queues = sorted(set(cluster_queues))
+    if any(not isinstance(q, str) or not q for q in queues):
+        raise ValueError(f"ClusterQueue names must be non-empty strings: {queues!r}")
+    rules = [dict(POD_RULE)]
+    if queues:
+        rules.append(
+            {
+                "apiGroups": ["kueue.x-k8s.io"],
+                "resources": ["clusterqueues"],
+                "resourceNames": queues,
+                "verbs": list(CLUSTER_QUEUE_VERBS),
+            }
+        )
+    return [
+        {
+            "apiVersion": f"{RBAC_API}/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": rules,
+        },
+        {
+            "apiVersion": f"{RBAC_API}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": RBAC_API, "kind": "ClusterRole", "name": name},
+            "subjects": [
+                {"kind": "ServiceAccount", "name": service_account, "namespace": sa_namespace}
+            ],
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the manifest for a platform configuration (``labfleet.yaml``)."""
+    import yaml
+    from labfleet_batch.queues import parse_queue_config
+    from labfleet_hub.configurer import ConfigError, load_values
+    from labfleet_spawner.catalogue import load_catalogue
+
+    parser = argparse.ArgumentParser(prog="python -m labfleet_accounting.rbac")
+    parser.add_argument("config", help="labfleet.yaml; its batch.queues name the ClusterQueues")
+    parser.add_argument("--service-account", default=ROLE_NAME)
+    parser.add_argument("--namespace", default="labfleet", help="of the ServiceAccount")
+    args = parser.parse_args(argv)
+    try:
+        values = load_values(args.config)
+    except ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 1
+    config = parse_queue_config(values["batch"]["queues"], load_catalogue(values["catalogue"]))
+    queues = cluster_queue_names(config)
+    print(
+        f"# RBAC of the accounting service's ServiceAccount ({args.namespace}/"
+        f"{args.service_account}):\n"
+        "# list/watch pods cluster-wide (the collector), get/patch only the groups'\n"
+        f"# ClusterQueues ({', '.join(queues) or 'none'}: quota management). Generated by\n"
+        f"#   python -m labfleet_accounting.rbac {args.config}\n"
+        "# Regenerate when the groups in batch.queues change (docs/accounting.md)."
+    )
+    objects = accounting_rbac_objects(args.service_account, args.namespace, queues)
+    yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, explicit_start=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
