@@ -33,7 +33,7 @@ from kubespawner.clients import load_config
 from labfleet_spawner.availability import compute_availability
 from labfleet_spawner.kube import PlatformKubeSpawner
 from labfleet_spawner.rbac import hub_rbac_objects
-from test_kube_kueue import GROUP, Progress, kueue_catalogue, quota_for_t4
+from test_kube_kueue import GROUP, Progress, kueue_catalogue, quota_for_t4, told_their_places
 from test_kube_spawner import CATALOGUE, api_pod, batch_pod, choose, eventually, make_spawner
 from test_kube_spawner import make_user as _make_user
 
@@ -365,16 +365,7 @@ async def test_kueue_queue_positions_with_the_hubs_rights(hub_sa):
                 ),
             )
             await asyncio.sleep(1.1)  # distinct creation seconds: an unambiguous FIFO order
-        await eventually(
-            "second told it is next",
-            lambda: "you are next in line" in followers[0].last(),
-            timeout=30,
-        )
-        await eventually(
-            "third told its place",
-            lambda: "position 2 in line (1 session or job ahead of you)" in followers[1].last(),
-            timeout=30,
-        )
+        await told_their_places(followers)
         # the visibility API answered the hub (a refusal would fall back to Workloads);
         # the third's position could only come from listing the Workloads
         assert second._position_source == ("visibility" if c.visibility else "workloads")

@@ -119,6 +119,20 @@ def gpu_usage(c, cq: str) -> str:
     return "0"
 
 
+async def told_their_places(followers: list[Progress]) -> None:
+    """The second and third gated sessions' progress: next in line, then position 2."""
+    await eventually(
+        "second session told it is next",
+        lambda: "you are next in line" in followers[0].last(),
+        timeout=30,
+    )
+    await eventually(
+        "third session told it is second in line",
+        lambda: "position 2 in line (1 session or job ahead of you)" in followers[1].last(),
+        timeout=30,
+    )
+
+
 class Progress:
     """Collects a spawner's progress messages in the background."""
 
@@ -180,16 +194,7 @@ async def test_gpu_sessions_admitted_within_quota_and_queued_beyond_it(kube, nam
         await asyncio.sleep(1.1)  # distinct creation seconds: an unambiguous FIFO order
         starts.append(asyncio.ensure_future(third.start()))
         followers.append(Progress(third))
-        await eventually(
-            "second session told it is next",
-            lambda: "you are next in line" in followers[0].last(),
-            timeout=30,
-        )
-        await eventually(
-            "third session told it is second in line",
-            lambda: "position 2 in line (1 session or job ahead of you)" in followers[1].last(),
-            timeout=30,
-        )
+        await told_their_places(followers)
         assert "queue ml-queue" in followers[1].last()
         # positions came from Kueue itself where the cluster serves the visibility API
         expected = "visibility" if kube.visibility else "workloads"
