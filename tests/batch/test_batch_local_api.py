@@ -155,6 +155,22 @@ async def test_indexed_job_runs_as_mapped_uid_with_files_and_logs(service, hub, 
     assert r.status == 400 and "allowed: 0 to 2" in r.body["message"]
 
 
+async def test_job_environment_holds_none_of_the_services_secrets(service, hub, users, monkeypatch):
+    """The service's own hub token may read every user's ids: a job must never see it."""
+    # what a hub-managed service has in its environment
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.batch_token)
+    monkeypatch.setenv("JUPYTERHUB_CLIENT_ID", "service-batch")
+    monkeypatch.setenv("LABFLEET_TEST_SECRET", "s3cr3t-value")
+    _, token = by_prefix(users, "alice")
+    job = (await service.call("POST", "api/jobs", token, {"script": "env"})).body
+    done = await service.wait_state(job["id"], token, {"succeeded", "failed"})
+    assert done["state"] == "succeeded", done
+    env = (await service.call("GET", f"api/jobs/{job['id']}/logs?index=0", token)).text
+    assert "LABFLEET_BATCH_JOB=" in env  # the job's own variables are there
+    for leaked in (hub.batch_token, "JUPYTERHUB_", "s3cr3t-value"):
+        assert leaked not in env
+
+
 async def test_rejected_request_creates_nothing(service, users, storage_root):
     _, token = by_prefix(users, "alice")
     r = await service.call("POST", "api/jobs", token, {"script": "x", "completions": 5000})
