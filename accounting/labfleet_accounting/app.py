@@ -18,13 +18,14 @@ import sys
 
 from jupyterhub.services.auth import HubOAuth
 from prometheus_client import CollectorRegistry
-from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode
+from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import Application, catch_config_error
 
 from . import db
 from .budgets import BudgetChecker
 from .ledger import Ledger
 from .metrics import LedgerMetrics
+from .pod_resources import KUBELET_SOCKET
 from .reports import Weights
 from .service import Context, make_app
 from .spool import SpoolCollector
@@ -215,8 +216,9 @@ class GpuExporterApp(AccountingApp):
     """``labfleet-accounting gpu-exporter``: NVML metrics per GPU/MIG instance, with owners.
 
     Single node: ``--GpuExporterApp.hub_db_url=sqlite:///.labfleet/jupyterhub.sqlite``
-    (and ``--db-url`` for the groups). DaemonSet: ``pod_resources_json``, a file a
-    sidecar refreshes from the kubelet's pod-resources socket (see gpu_exporter).
+    (and ``--db-url`` for the groups). Kubernetes, as the DaemonSet of
+    ``accounting/manifests/gpu-exporter.yaml``: ``--GpuExporterApp.kubernetes=True``
+    (the kubelet's pod-resources socket and the node's pods, see gpu_exporter).
     """
 
     subcommands = {}
@@ -227,15 +229,37 @@ class GpuExporterApp(AccountingApp):
         config=True,
         help="Single node: the hub database, whose spawner states name the devices held.",
     )
+    kubernetes = Bool(
+        False,
+        config=True,
+        help="""Kubernetes (DaemonSet) mode: devices held per pod from the kubelet's
+        pod-resources socket (pod_resources_socket), users and groups from the labels
+        of this node's pods (node_name), listed with the in-cluster service account.""",
+    )
+    pod_resources_socket = Unicode(
+        KUBELET_SOCKET,
+        config=True,
+        help="Kubernetes mode: the kubelet's pod-resources gRPC socket (mounted from the host).",
+    )
+    node_name = Unicode(
+        config=True,
+        help="""Kubernetes mode: the node this exporter runs on, whose pods are listed
+        (spec.nodeName). Default: $NODE_NAME, set by the DaemonSet (downward API).""",
+    )
     pod_resources_json = Unicode(
         "",
         config=True,
-        help="""Kubernetes: a JSON file holding the kubelet's ListPodResourcesResponse
-        (and optionally "pods": the node's pods), refreshed by a sidecar.""",
+        help="""Debugging and tests: read the kubelet's ListPodResourcesResponse from
+        this JSON file (with optionally "pods": the node's pods) instead of the socket.""",
     )
 
-    def owners(self):
-        from .gpu_exporter import HubStateOwners, pod_resources_owners
+    @default("node_name")
+    def _node_name_default(self):
+        return os.environ.get("NODE_NAME", "")
+
+    def owners(self, list_pods=None):
+        """The owners function for the mode; ``list_pods``: the node's pods (Kubernetes mode)."""
+        from .gpu_exporter import HubStateOwners, NodeOwners, pod_resources_owners
 
         if self.hub_db_url:
             ledger = db.make_engine(self.db_url) if self.db_url else None
@@ -249,28 +273,51 @@ class GpuExporterApp(AccountingApp):
                 return pod_resources_owners(data, data.get("pods") or [])
 
             return from_file
+        if self.kubernetes:
+            from functools import partial
+
+            from .pod_resources import list_pod_resources
+
+            return NodeOwners(partial(list_pod_resources, self.pod_resources_socket), list_pods)
         return None
 
     def start(self):
+        if self.kubernetes and not self.pod_resources_json and not self.node_name:
+            self.log.critical(
+                "Kubernetes mode needs the node's name: NODE_NAME (downward API "
+                "spec.nodeName) or --GpuExporterApp.node_name"
+            )
+            self.exit(2)
+        asyncio.run(self.serve())
+
+    async def serve(self):
         from prometheus_client import start_http_server
 
-        from .gpu_exporter import GpuCollector, GpuSampler
+        from .gpu_exporter import GpuCollector, GpuSampler, list_node_pods, threadsafe
 
+        api = list_pods = None
+        if self.kubernetes and not self.pod_resources_json:
+            from kubernetes_asyncio import client
+            from labfleet_hub.kubeclient import api_client
+
+            api = await api_client()  # in-cluster: the DaemonSet's service account
+            core = client.CoreV1Api(api)
+            loop = asyncio.get_running_loop()
+            list_pods = threadsafe(lambda: list_node_pods(core, self.node_name), loop)
         registry = CollectorRegistry()
-        registry.register(GpuCollector(GpuSampler(), self.owners()))
+        registry.register(GpuCollector(GpuSampler(), self.owners(list_pods)))
         server, thread = start_http_server(self.exporter_port, self.exporter_ip, registry)
         self.log.info("GPU exporter on http://%s:%d/metrics", self.exporter_ip, self.exporter_port)
         stopped = asyncio.Event()
-
-        async def wait():
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stopped.set)
-            await stopped.wait()
-
-        asyncio.run(wait())
-        server.shutdown()
-        thread.join(5)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopped.set)
+        await stopped.wait()
+        # the server thread may be waiting on this loop (a pod listing): stop it first
+        await asyncio.to_thread(server.shutdown)
+        await asyncio.to_thread(thread.join, 5)
+        if api is not None:
+            await api.close()
 
 
 def _service_port() -> int | None:

@@ -11,11 +11,10 @@ Three parts, each replaceable:
   Single node: :class:`HubStateOwners` reads the device UUIDs the local
   spawner keeps in each running server's state in the hub database, and the
   group from the ledger's open interval of that server. Kubernetes
-  (DaemonSet): :func:`pod_resources_owners` maps the kubelet's pod-resources
-  answer (``ListPodResourcesResponse`` as JSON, from the socket
-  ``/var/lib/kubelet/pod-resources/kubelet.sock``) and the pods' labfleet
-  labels to owners; the gRPC call itself is left to the deployment (a
-  sidecar or ``grpcurl``) so that this package does not depend on gRPC;
+  (DaemonSet): :class:`NodeOwners` reads the kubelet's pod-resources socket
+  (:mod:`labfleet_accounting.pod_resources`) and the node's labfleet pods
+  (:func:`list_node_pods`); :func:`pod_resources_owners`, the one place that
+  maps device ids to holders, joins the two;
 - :class:`GpuCollector`, a prometheus_client collector that joins the two at
   scrape time. Metric names are listed in :mod:`labfleet_accounting.metrics`.
 
@@ -26,6 +25,7 @@ instances export memory only; their parent GPU exports power.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -247,6 +247,61 @@ def pod_resources_owners(pod_resources: Mapping, pods: Iterable[Mapping] = ()) -
     return owners
 
 
+async def list_node_pods(core_v1, node_name: str) -> list[dict]:
+    """The labfleet pods of one node (raw API JSON), through a ``kubernetes_asyncio`` CoreV1Api.
+
+    Cluster-wide ``list`` narrowed by ``spec.nodeName`` (RBAC cannot narrow
+    it: the selector is the exporter's own restraint) and by the collector's
+    label selector, so the answer is the few pods whose labels matter.
+    """
+    from .kube import LABEL_SELECTOR
+
+    response = await core_v1.list_pod_for_all_namespaces(
+        field_selector=f"spec.nodeName={node_name}",
+        label_selector=LABEL_SELECTOR,
+        _preload_content=False,
+    )
+    return json.loads(await response.read()).get("items") or []
+
+
+def threadsafe(coroutine_fn, loop: asyncio.AbstractEventLoop, timeout: float = 30.0):
+    """A blocking callable running ``coroutine_fn()`` on ``loop``.
+
+    The scrape runs in prometheus_client's server thread; the API client
+    lives on the exporter's event loop (aiohttp sessions are bound to theirs).
+    """
+
+    def call():
+        return asyncio.run_coroutine_threadsafe(coroutine_fn(), loop).result(timeout)
+
+    return call
+
+
+class NodeOwners:
+    """Kubernetes (DaemonSet): ``{uuid: Owner}`` of this node, at scrape time.
+
+    ``read_pod_resources() -> dict`` is the kubelet's answer (the socket, or a
+    JSON file when debugging); ``list_pods() -> [pod]`` the node's labfleet
+    pods. The pods are listed again only when the set of pods holding GPUs
+    changes: their labels are set at creation, and a DaemonSet that listed on
+    every scrape would cost the API server one list per node per scrape.
+    """
+
+    def __init__(self, read_pod_resources: Callable[[], Mapping], list_pods=None):
+        self.read_pod_resources = read_pod_resources
+        self.list_pods = list_pods
+        self._pods: list = []
+        self._listed_for: frozenset | None = None  # the holders at the last listing
+
+    def __call__(self) -> dict[str, Owner]:
+        answer = self.read_pod_resources()
+        holders = frozenset(o.owner for o in pod_resources_owners(answer).values())
+        if self.list_pods is not None and holders != self._listed_for:
+            self._pods = list(self.list_pods())
+            self._listed_for = holders  # after the listing: a failed one is retried
+        return pod_resources_owners(answer, self._pods)
+
+
 # -- prometheus ------------------------------------------------------------------------
 
 
@@ -256,16 +311,25 @@ class GpuCollector:
     def __init__(self, sampler: GpuSampler, owners: Callable[[], Mapping[str, Owner]] | None):
         self.sampler = sampler
         self.owners = owners
+        self._owners_error: str | None = None  # the last failure logged
 
     def _owners(self) -> Mapping[str, Owner]:
         if self.owners is None:
             return {}
         try:
-            return self.owners()
-        except Exception as e:  # a locked database must not cost the device metrics
-            self.sampler.errors += 1
-            log.warning("GPU exporter: owners unavailable: %s", e)
+            owners = self.owners()
+        except Exception as e:  # a locked database or a restarting kubelet must not
+            self.sampler.errors += 1  # cost the device metrics: they go out unattributed
+            message = f"{type(e).__name__}: {e}"
+            # logged once per change: Prometheus scrapes every few seconds
+            if message != self._owners_error:
+                log.warning("GPU exporter: owners unavailable, devices unattributed: %s", message)
+                self._owners_error = message
             return {}
+        if self._owners_error is not None:
+            log.warning("GPU exporter: owners available again")
+            self._owners_error = None
+        return owners
 
     def collect(self):
         samples = self.sampler.sample()

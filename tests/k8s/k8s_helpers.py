@@ -62,3 +62,23 @@ def delete_queue_layout(cluster, config, catalogue) -> None:
         input=yaml.safe_dump_all(queue_objects(config, catalogue)),
         check=False,
     )
+
+
+def service_account_view(cluster, namespace: str, account: str, kubeconfig: Path, *can: str):
+    """The cluster as ``account`` sees it: a kubeconfig holding only its token.
+
+    Returns the cluster object with that kubeconfig and token (``.kubectl`` then runs
+    as the account). ``can`` (e.g. ``"list", "pods", "--all-namespaces"``) is waited
+    for: the authorizer learns new bindings through an informer, not at once.
+    """
+    import dataclasses
+
+    token = cluster.kubectl("create", "token", account, "-n", namespace).stdout.strip()
+    clusterlib.write_kubeconfig(kubeconfig, cluster.server, cluster.ca_file, token)
+    view = dataclasses.replace(cluster, kubeconfig=kubeconfig, token=token)
+    if can:
+        wait_for(
+            f"{account} may {' '.join(can)}",
+            lambda: view.kubectl("auth", "can-i", *can, check=False).stdout.strip() == "yes",
+        )
+    return view

@@ -25,7 +25,7 @@ import dataclasses
 import uuid
 
 import pytest
-from k8s_helpers import clusterlib, wait_for
+from k8s_helpers import clusterlib, service_account_view, wait_for
 from labfleet_accounting.quotas import KUEUE, Cap, Change, QuotaManager
 from labfleet_accounting.rbac import accounting_rbac_objects
 from labfleet_batch.kube import KubeAPI, KubeError
@@ -62,17 +62,13 @@ def grant(k8s_cluster, tmp_path):
         made.append((ns, role))
         k8s_cluster.kubectl("create", "serviceaccount", SERVICE_ACCOUNT, "-n", ns)
         k8s_cluster.apply(accounting_rbac_objects(SERVICE_ACCOUNT, ns, cluster_queues, name=role))
-        token = k8s_cluster.kubectl("create", "token", SERVICE_ACCOUNT, "-n", ns).stdout.strip()
-        kubeconfig = tmp_path / f"{role}.kubeconfig"
-        # the file's user entry keeps the helper's name; its credential is the account's token
-        clusterlib.write_kubeconfig(kubeconfig, k8s_cluster.server, k8s_cluster.ca_file, token)
-        view = dataclasses.replace(k8s_cluster, kubeconfig=kubeconfig, token=token)
-        # the authorizer learns new bindings through an informer: wait until they hold
-        wait_for(
-            "the accounting ClusterRole in force",
-            lambda: view.kubectl("auth", "can-i", "watch", "pods", "--all-namespaces",
-                                 check=False).stdout.strip() == "yes",
-        )  # fmt: skip
+        view = service_account_view(
+            k8s_cluster,
+            ns,
+            SERVICE_ACCOUNT,
+            tmp_path / f"{role}.kubeconfig",
+            *("watch", "pods", "--all-namespaces"),
+        )
         return Grant(view, f"system:serviceaccount:{ns}:{SERVICE_ACCOUNT}")
 
     yield make

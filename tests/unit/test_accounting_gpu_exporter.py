@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
+import pytest
 from labfleet_accounting import db
 from labfleet_accounting.gpu_exporter import (
     GpuCollector,
     GpuSampler,
     HubStateOwners,
+    NodeOwners,
     Owner,
     pod_resources_owners,
 )
@@ -227,3 +230,61 @@ def test_pod_resources_owners_kubernetes():
     assert owners[T4_1] == owners[T4_0]
     assert owners[MIG_1G] == Owner("", "", "labfleet-cms/train-0")
     assert "fpga0" not in owners
+
+
+def test_owners_failures_are_logged_once_per_change(caplog):
+    failures = [OSError("kubelet socket gone")] * 3 + [RuntimeError("kubelet unavailable"), None]
+
+    def owners():
+        error = failures.pop(0)
+        if error is not None:
+            raise error
+        return {T4_0: Owner("alice", "ml", "labfleet/jupyter-alice")}
+
+    sampler = GpuSampler(machine())
+    collector = GpuCollector(sampler, owners)
+    with caplog.at_level(logging.WARNING, logger="labfleet_accounting.gpu_exporter"):
+        for _ in range(4):
+            fams = families(collector)
+            # every scrape still exports every device, unattributed
+            assert len(fams["labfleet_gpu_memory_total_bytes"]) == 7
+            assert {s.labels["user"] for s in fams["labfleet_gpu_memory_total_bytes"]} == {""}
+        fams = families(collector)  # the kubelet is back
+    used = {s.labels["uuid"]: s for s in fams["labfleet_gpu_memory_used_bytes"]}
+    assert used[T4_0].labels["user"] == "alice"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "GPU exporter: owners unavailable, devices unattributed: OSError: kubelet socket gone",
+        "GPU exporter: owners unavailable, devices unattributed: RuntimeError: kubelet unavailable",
+        "GPU exporter: owners available again",
+    ]
+    assert sampler.errors == 4  # the counter still counts every failed scrape
+
+
+def test_node_owners_list_pods_again_only_when_holders_change():
+    answers = {
+        "one": {"podResources": [{"name": "a", "namespace": "ns", "containers": [
+            {"devices": [{"resourceName": "nvidia.com/gpu", "deviceIds": [T4_0]}]}]}]},
+        "none": {"podResources": []},
+    }  # fmt: skip
+    state = SimpleNamespace(answer="one", listings=0, fail=True)
+
+    def list_pods():
+        state.listings += 1
+        if state.fail:
+            raise RuntimeError("API server unavailable")
+        labels = {"labfleet.io/user": "alice", "labfleet.io/group": "ml"}
+        return [{"metadata": {"name": "a", "namespace": "ns", "labels": labels}}]
+
+    owners = NodeOwners(lambda: answers[state.answer], list_pods)
+    with pytest.raises(RuntimeError):
+        owners()
+    state.fail = False
+    assert owners() == {T4_0: Owner("alice", "ml", "ns/a")}  # a failed listing is retried
+    assert owners() == {T4_0: Owner("alice", "ml", "ns/a")}
+    assert state.listings == 2
+    state.answer = "none"
+    assert owners() == {}
+    assert state.listings == 3
+    # without a pod lister (the JSON file, a test): attributed by namespace/name only
+    assert NodeOwners(lambda: answers["one"])() == {T4_0: Owner("", "", "ns/a")}

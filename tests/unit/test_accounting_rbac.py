@@ -1,21 +1,28 @@
 """The accounting service's RBAC: least privilege as plain data, and the shipped manifest."""
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+from labfleet_accounting.pod_resources import KUBELET_SOCKET
 from labfleet_accounting.rbac import (
     ROLE_NAME,
     accounting_rbac_objects,
     cluster_queue_names,
+    gpu_exporter_daemonset,
+    gpu_exporter_objects,
+    gpu_exporter_rbac_objects,
     main,
 )
 from labfleet_batch.queues import parse_queue_config
 from labfleet_spawner.catalogue import load_catalogue
+from labfleet_spawner.objects import DEFAULT_KIND_TOLERATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOGUE = load_catalogue(ROOT / "config" / "catalogue.yaml")
 MANIFEST = ROOT / "accounting" / "manifests" / "rbac.yaml"
+EXPORTER_MANIFEST = ROOT / "accounting" / "manifests" / "gpu-exporter.yaml"
 READ_VERBS = {"get", "list", "watch"}
 # verbs resourceNames cannot restrict: a rule naming objects must not carry them
 UNNAMEABLE = {"list", "watch", "create", "deletecollection"}
@@ -125,3 +132,70 @@ def test_command_prints_the_shipped_manifest(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["config/labfleet.yaml"]) == 0
     assert capsys.readouterr().out == MANIFEST.read_text()
+
+
+# -- GPU exporter ------------------------------------------------------------------------
+
+
+def test_shipped_gpu_exporter_manifest_is_the_builders_output(capsys):
+    shipped = list(yaml.safe_load_all(EXPORTER_MANIFEST.read_text()))
+    assert shipped == gpu_exporter_objects()
+    assert [o["kind"] for o in shipped] == [
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"
+    ]  # fmt: skip
+    assert main(["--gpu-exporter"]) == 0
+    assert capsys.readouterr().out == EXPORTER_MANIFEST.read_text()
+
+
+def test_gpu_exporter_may_only_list_pods():
+    account, role, binding = gpu_exporter_rbac_objects("gx", "ns", name="gx-role")
+    assert account == {"apiVersion": "v1", "kind": "ServiceAccount",
+                       "metadata": {"name": "gx", "namespace": "ns"}}  # fmt: skip
+    # no watch, no get: one list per change of the GPU holders (NodeOwners)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "gx-role"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gx", "namespace": "ns"}]
+    check_least_privilege([role, binding], [])
+
+
+def test_gpu_exporter_daemonset():
+    ds = gpu_exporter_daemonset("registry.example/labfleet/services:1", "mon", "gx")
+    assert (ds["kind"], ds["metadata"]["namespace"]) == ("DaemonSet", "mon")
+    spec = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"] == ds["spec"]["template"]["metadata"]["labels"]
+    assert spec["serviceAccountName"] == "gx"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # the GPU taints the spawner's sessions tolerate, and reserved nodes of any group
+    for kind in ("gpu", "mig"):
+        for toleration in DEFAULT_KIND_TOLERATIONS[kind]:
+            assert toleration in spec["tolerations"]
+    assert {"key": "reserved", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    (container,) = spec["containers"]
+    assert container["image"] == "registry.example/labfleet/services:1"
+    assert container["command"] == ["labfleet-accounting", "gpu-exporter"]
+    assert "--GpuExporterApp.kubernetes=True" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9835, "protocol": "TCP"}]
+    assert container["resources"]["limits"]["memory"]
+    # the socket's directory from the host, read-only, where the client looks by default
+    (mount,) = container["volumeMounts"]
+    (volume,) = spec["volumes"]
+    assert mount == {"name": volume["name"], "mountPath": os.path.dirname(KUBELET_SOCKET),
+                     "readOnly": True}  # fmt: skip
+    assert volume["hostPath"] == {"path": os.path.dirname(KUBELET_SOCKET), "type": "Directory"}
+    # root only for the root-owned socket; nothing else
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["privileged"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]} and "add" not in security["capabilities"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(spec)
+    other = gpu_exporter_daemonset("i", "n", "s", node_selector={"nvidia.com/gpu.product": "T4"})
+    assert other["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "T4"}
+
+
+def test_command_needs_a_configuration_without_gpu_exporter(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    assert "--gpu-exporter" in capsys.readouterr().err
