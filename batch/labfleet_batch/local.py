@@ -443,7 +443,8 @@ class LocalBackend:
         ]
         return sorted(waiting, key=lambda j: (-priorities.get(j.request.priority, 0), j.submitted))
 
-    def _usage(self, group: str) -> dict[str, float]:
+    def usage(self, group: str) -> dict[str, float]:
+        """What ``group``'s running jobs hold: cpu, memory (bytes), ``acc:<name>``, jobs."""
         used: dict[str, float] = {}
         for job in self._jobs.values():
             if job.record.group == group and job.record.state == RUNNING:
@@ -454,7 +455,7 @@ class LocalBackend:
     def _fits(self, job: _Job) -> str:
         """ "" when ``job`` fits its group's quota now, else why not."""
         quota = self.config.groups[job.record.group]
-        used = self._usage(job.record.group)
+        used = self.usage(job.record.group)
         need = job.demand()
         limits = {"cpu": quota.cpu, "memory": parse_quantity(quota.memory)}
         for acc, count in quota.accelerators.items():

@@ -9,9 +9,12 @@ Routes (under the service prefix, e.g. ``/services/batch/``)::
     GET    api/jobs/<group>/<name>/logs?index=0[&follow=1]   text/plain
     DELETE api/jobs/<group>/<name>          cancel
     GET    health                           no authentication
+    GET    (the prefix itself)              the queue page (labfleet_batch.page), hub OAuth login
 
-Every request except ``health`` carries a hub API token (``Authorization:
-token ...``); :class:`jupyterhub.services.auth.HubAuth` asks the hub who it
+Every API request carries a hub API token (``Authorization: token ...``;
+cookies are never read for the API, so it needs no XSRF checks);
+:class:`jupyterhub.services.auth.HubOAuth` (a HubAuth; OAuth is for the
+page's browser login only) asks the hub who it
 belongs to, with the user's groups (the hub always includes them for the
 token's owner). The token needs ``access:services!service=<this service>``
 (see docs/batch.md for the hub configuration). A
@@ -28,7 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from jupyterhub.services.auth import HubAuth, check_scopes
+from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, check_scopes
 from jupyterhub.utils import url_path_join
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 from labfleet_spawner.catalogue import Catalogue, load_catalogue
@@ -77,6 +80,26 @@ def config_admins(config: QueueConfig) -> dict[str, tuple[str, ...]]:
     return {name: g.admins for name, g in config.groups.items()}
 
 
+def caller_from_model(model: dict | None, hub_auth: HubAuth) -> Caller:
+    """The caller of a hub user model, or 403: the API's checks, shared with the queue page."""
+    if not model:
+        raise web.HTTPError(403, "the hub does not accept this token")
+    if model.get("kind", "user") != "user":
+        raise web.HTTPError(403, "only users may use the batch service")
+    if hub_auth.access_scopes and not check_scopes(
+        hub_auth.access_scopes, set(model.get("scopes") or ())
+    ):
+        raise web.HTTPError(
+            403,
+            f"this token lacks the scope {' or '.join(sorted(hub_auth.access_scopes))}",
+        )
+    if "groups" not in model:
+        raise web.HTTPError(
+            403, "this token cannot show your groups; it needs read:users:groups!user"
+        )
+    return Caller.from_hub_model(model)
+
+
 class BaseHandler(web.RequestHandler):
     ctx: Context
     caller: Caller
@@ -98,22 +121,7 @@ class BaseHandler(web.RequestHandler):
         if not token:
             raise web.HTTPError(401, "send a hub API token: Authorization: token <token>")
         model = await hub_auth.user_for_token(token, sync=False)
-        if not model:
-            raise web.HTTPError(403, "the hub does not accept this token")
-        if model.get("kind", "user") != "user":
-            raise web.HTTPError(403, "only users may use the batch service")
-        if hub_auth.access_scopes and not check_scopes(
-            hub_auth.access_scopes, set(model.get("scopes") or ())
-        ):
-            raise web.HTTPError(
-                403,
-                f"this token lacks the scope {' or '.join(sorted(hub_auth.access_scopes))}",
-            )
-        if "groups" not in model:
-            raise web.HTTPError(
-                403, "this token cannot show your groups; it needs read:users:groups!user"
-            )
-        self.caller = Caller.from_hub_model(model)
+        self.caller = caller_from_model(model, hub_auth)
 
     def write_error(self, status_code: int, **kwargs):
         message = self._reason
@@ -288,17 +296,43 @@ class HealthHandler(web.RequestHandler):
         self.finish({"status": "ok"})
 
 
+class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """The hub's OAuth callback with the application's HubOAuth: the one that started
+    the login holds its PKCE code verifier (``HubOAuth.instance()`` would not)."""
+
+    def initialize(self, hub_auth: HubOAuth):
+        self.hub_auth = hub_auth
+
+
 def make_app(ctx: Context, prefix: str = "/") -> web.Application:
+    from .page import QueuePageHandler  # page.py imports caller_from_model from here
+
     job = r"([a-z0-9][a-z0-9._-]{0,62})/([a-z0-9][-a-z0-9]{0,62})"
     args = {"ctx": ctx}
+    routes = [
+        (url_path_join(prefix, "health"), HealthHandler),
+        (url_path_join(prefix, "api/info"), InfoHandler, args),
+        (url_path_join(prefix, "api/jobs"), JobsHandler, args),
+        (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),
+        (url_path_join(prefix, f"api/jobs/{job}/logs"), LogsHandler, args),
+        (prefix.rstrip("/") + "/?", QueuePageHandler, args),
+    ]
+    if isinstance(ctx.hub_auth, HubOAuth):
+        # browsers sign in for the page; without OAuth the page takes tokens only
+        routes.append(
+            (
+                url_path_join(prefix, "oauth_callback"),
+                OAuthCallbackHandler,
+                {"hub_auth": ctx.hub_auth},
+            )
+        )
     return web.Application(
-        [
-            (url_path_join(prefix, "health"), HealthHandler),
-            (url_path_join(prefix, "api/info"), InfoHandler, args),
-            (url_path_join(prefix, "api/jobs"), JobsHandler, args),
-            (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),
-            (url_path_join(prefix, f"api/jobs/{job}/logs"), LogsHandler, args),
-        ],
+        routes,
+        cookie_secret=os.urandom(32),  # the OAuth state and login cookies; a restart signs in again
+        hub_auth=ctx.hub_auth,
+        login_url=ctx.hub_auth.login_url,
+        # HubOAuth checks XSRF on cookie-authenticated requests; the API reads no cookies
+        xsrf_cookies=False,
     )
 
 
@@ -427,7 +461,9 @@ class BatchService(Application):
         if self.config_file:
             self.load_config_file(self.config_file)
         if self.hub_auth is None:
-            self.hub_auth = HubAuth(parent=self)  # reads JUPYTERHUB_* from the environment
+            # HubOAuth: tokens as HubAuth, and browser logins for the queue page;
+            # reads JUPYTERHUB_* (client id, callback URL) from the environment
+            self.hub_auth = HubOAuth(parent=self)
 
     async def make_context(self) -> Context:
         catalogue = load_catalogue(self.catalogue_path)

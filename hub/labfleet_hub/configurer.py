@@ -488,6 +488,8 @@ def apply_batch(values: dict, c) -> None:
     needs ``access:services!service=batch``: the ``user`` role grants it (API
     tokens from the token page) and so do the notebook servers' own tokens, so
     ``JUPYTERHUB_API_TOKEN`` in a notebook works with ``LABFLEET_BATCH_URL``.
+    Its queue page (``/services/batch/``) is in the Services menu; browsers
+    sign in through the hub's OAuth.
     """
     batch = values["batch"]
     c.JupyterHub.services.append(
@@ -497,8 +499,9 @@ def apply_batch(values: dict, c) -> None:
             "command": batch_command(values),
             "environment": dict(values.get("service_environment", {})),
             "cwd": values["hub"]["state_dir"],
-            # a REST API, no page for the Services menu
-            "display": False,
+            # the queue page in the Services menu; OAuth "identify" needs no consent
+            "oauth_no_confirm": True,
+            "display": True,
         }
     )
     access = f"access:services!service={BATCH_SERVICE}"

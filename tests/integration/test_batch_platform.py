@@ -8,6 +8,7 @@ Sync tests only: Playwright's sync API runs a loop in this module's thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,17 +53,26 @@ def expected_uid(platform, username: str) -> int:
     return 200000 + user_id
 
 
-@pytest.fixture(scope="module")
-def tokens(platform, browser):
-    found = {}
-    for name in ("alice", "bob"):
-        context = browser.new_context()
+@contextlib.contextmanager
+def signed_in(browser, platform, name: str):
+    """A browser page with ``name`` logged in to the hub (demo password)."""
+    context = browser.new_context()
+    try:
         page = context.new_page()
         page.set_default_timeout(60_000)
         login(page, platform, name, f"{name}-pass")
         page.wait_for_url(re.compile(r"/hub/"))
-        found[name] = api_token(page, platform)
+        yield page
+    finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def tokens(platform, browser):
+    found = {}
+    for name in ("alice", "bob"):
+        with signed_in(browser, platform, name) as page:
+            found[name] = api_token(page, platform)
     return found
 
 
@@ -142,3 +152,51 @@ def test_notebook_token_and_url_reach_the_service(platform, page):
         assert cli(platform, token, "wait", done.stdout.strip(), url=url).returncode == 0
     finally:
         stop_server(platform, page, "alice")
+
+
+def test_queue_page_draws_the_queue_through_the_hub_login(platform, tokens, browser):
+    alice, bob = tokens["alice"], tokens["bob"]
+    started = []
+
+    def submit(name, *args):
+        done = cli(platform, alice, "submit", "--group", "ml", "--name", name, *args)
+        assert done.returncode == 0, done.stderr
+        started.append(done.stdout.strip())
+        return started[-1]
+
+    try:
+        # two medium pods hold all of ml's 8 CPU (config/labfleet.yaml), so the next one waits
+        holder = submit(
+            "hold", "--size", "medium", "--completions", "2", "--parallelism", "2",
+            "--", "sleep", "60",
+        )  # fmt: skip
+        behind = submit("behind", "--size", "small", "--", "sleep", "60")
+        status, body = http("GET", batch_url(platform) + f"api/jobs/{behind}", alice)
+        assert status == 200 and json.loads(body)["state"] == "queued", body
+
+        views = {}
+        for name in ("alice", "bob"):
+            with signed_in(browser, platform, name) as page:
+                # no token in the URL: the hub's OAuth signs the browser in to the service
+                page.goto(batch_url(platform))
+                page.wait_for_selector("h1:has-text('Batch queue')")
+                assert page.url.rstrip("/") == batch_url(platform).rstrip("/"), page.url
+                views[name] = page.content()
+
+        mine = views["alice"]
+        assert re.search(rf'data-id="{holder}">.*?<td class="state">running</td>', mine)
+        assert re.search(rf'data-id="{behind}">.*?<td class="position">1 of 1</td>', mine)
+        group = mine.split('data-group="ml"', 1)[1]
+        assert "1 running, 1 waiting" in group
+        assert "<title>CPU: 8 / 8</title>" in group
+        assert "<title>running jobs: 1 / 4</title>" in group
+
+        theirs = views["bob"]
+        assert 'data-group="cms"' in theirs and 'data-group="ml"' not in theirs
+        assert holder not in theirs and behind not in theirs
+    finally:
+        for job_id in reversed(started):
+            cli(platform, alice, "cancel", job_id)
+    # bob's token reaches the API, not alice's jobs: unchanged by the page
+    status, body = http("GET", batch_url(platform) + "api/jobs", bob)
+    assert status == 200 and not any(j in body for j in started)

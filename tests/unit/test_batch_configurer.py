@@ -55,6 +55,8 @@ def test_bundled_config_runs_batch_next_to_accounting(config_dir):
     service = batch_service(c)
     assert service["url"] == f"http://127.0.0.1:{port}"
     assert service["cwd"] == str(config_dir / "state")
+    # the queue page is in the Services menu and signs in without a consent page
+    assert service["display"] is True and service["oauth_no_confirm"] is True
     [user_role] = [r for r in c.JupyterHub.load_roles if r["name"] == "user"]
     # batch joins accounting and the IAM token scope; nothing is replaced
     assert ACCESS in user_role["scopes"]

@@ -1,0 +1,110 @@
+"""The batch queue page's pure parts: usage from records, the SVG bars, the HTML."""
+
+from __future__ import annotations
+
+import re
+
+from labfleet_batch.model import QUEUED, RUNNING, SUCCEEDED, JobRecord
+from labfleet_batch.page import BAR_WIDTH, GIB, MAX_ROWS, group_usage, render_page
+from labfleet_batch.queues import GroupQuota
+
+QUOTA = GroupQuota("ml", cpu=8, memory="32Gi", accelerators={"t4": 2, "a100": 1}, max_running=4)
+
+
+def job(name, state=RUNNING, user="alice", group="ml", **kw) -> JobRecord:
+    return JobRecord(name=name, group=group, user=user, state=state, **kw)
+
+
+def bars(page: str) -> dict[str, tuple[float, str]]:
+    """resource -> (filled width, label) from the rendered SVG."""
+    found = {}
+    for resource, width, label in re.findall(
+        r'data-resource="([^"]+)"[^>]*width="([\d.]+)"[^>]*><title>([^<]*)</title>', page
+    ):
+        found[resource] = (float(width), label)
+    return found
+
+
+def test_bars_are_used_over_quota():
+    records = [
+        job("a", accelerator="t4", count=1),
+        job("b", accelerator="t4", count=1, user="bob"),  # a member's job counts, unnamed
+        job("c", state=QUEUED, accelerator="a100", count=1),
+        job("d", state=SUCCEEDED, accelerator="a100", count=1),
+        job("e", offload=True),  # offloaded: the offload queue's, not the group's
+    ]
+    usage = group_usage("ml", QUOTA, records, {"cpu": 2, "memory": 8 * GIB})
+    assert (usage.running, usage.waiting) == (2, 1)
+    page = render_page("alice", [usage], [])
+    drawn = bars(page)
+    assert drawn["CPU"] == (BAR_WIDTH * 2 / 8, "CPU: 2 / 8")
+    assert drawn["memory"] == (BAR_WIDTH * 8 / 32, "memory: 8 / 32 GiB")
+    assert drawn["t4"] == (BAR_WIDTH, "t4: 2 / 2")  # full
+    assert drawn["a100"] == (0.0, "a100: 0 / 1")
+    assert drawn["running jobs"] == (BAR_WIDTH * 2 / 4, "running jobs: 2 / 4")
+    assert "2 running, 1 waiting" in page
+    # bob's job is only a number here: no row, no name
+    assert ">b<" not in page and "bob" not in page
+
+
+def test_parallel_pods_hold_count_each_and_unknown_sizes_say_so():
+    usage = group_usage("ml", QUOTA, [job("p", accelerator="t4", count=1, parallelism=2)])
+    drawn = bars(render_page("alice", [usage], []))
+    assert drawn["t4"][1] == "t4: 2 / 2"
+    # without the backend's sums the size is unknown: an empty bar, not a guess
+    assert drawn["CPU"] == (0.0, "CPU: ? / 8")
+
+
+def test_waiting_jobs_show_their_position():
+    own = [
+        job("run", created="2025-01-01T00:00:00Z", accelerator="t4", count=1),
+        job(
+            "wait",
+            state=QUEUED,
+            created="2025-01-01T00:00:01Z",
+            queue={"position": 2, "pending_in_queue": 3},
+        ),
+    ]
+    page = render_page("alice", [], own)
+    rows = re.findall(r'<tr class="job state-(\w+)" data-id="([^"]+)">(.*?)</tr>', page)
+    # newest first
+    assert [(s, i) for s, i, _ in rows] == [("queued", "ml/wait"), ("running", "ml/run")]
+    assert '<td class="position">2 of 3</td>' in rows[0][2]
+    assert '<td class="position"></td>' in rows[1][2]
+    assert "t4 &times; 1" in rows[1][2]
+
+
+def test_user_strings_are_escaped():
+    evil = "<script>alert(1)</script>"
+    usage = group_usage('g"<b>', GroupQuota('g"<b>', cpu=1, memory="1Gi"), [])
+    page = render_page("<i>me</i>", [usage], [job("x", display_name=evil, group='g"<b>')])
+    assert "<script>" not in page and "<b>" not in page and "<i>me" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'data-group="g&quot;&lt;b&gt;"' in page
+
+
+def test_empty_state():
+    page = render_page("carol", [], [])
+    assert "You are in no batch group." in page
+    assert "No jobs." in page
+    assert "All jobs of group" not in page and "<svg" not in page
+
+
+def test_group_admin_sees_the_groups_jobs():
+    group_jobs = [job("mine"), job("theirs", user="bob", display_name="bobs-run")]
+    page = render_page(
+        "alice", [group_usage("ml", QUOTA, group_jobs)], [job("mine")], {"ml": group_jobs}
+    )
+    assert "All jobs of group ml" in page
+    admin = page.split("All jobs of group ml", 1)[1]
+    assert "<td>bob</td>" in admin and "bobs-run" in admin
+    assert "bobs-run" not in page.split("All jobs of group ml", 1)[0]
+
+
+def test_rows_are_capped():
+    many = [
+        job(f"j{i:03d}", created=f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}Z") for i in range(80)
+    ]
+    page = render_page("alice", [], many)
+    assert page.count('<tr class="job') == MAX_ROWS
+    assert 'data-id="ml/j079"' in page and 'data-id="ml/j000"' not in page
