@@ -41,6 +41,7 @@ from labfleet_hub.contract import (
     LABEL_PROFILE,
     LABEL_USER,
 )
+from labfleet_hub.quantities import parse_cpu, parse_memory
 from traitlets import Any, Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
@@ -49,33 +50,9 @@ from .records import START, STOP, Event, Usage
 SOURCE = "k8s"
 LABEL_SELECTOR = f"{LABEL_KIND} in ({KIND_INTERACTIVE},{KIND_BATCH})"
 
-_CPU_SUFFIX = {"m": 1e-3, "u": 1e-6, "n": 1e-9}
-_MEM_SUFFIX = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "m": 1e-3,
-}  # fmt: skip
-
 
 class Gone(Exception):
     """The watch's resourceVersion is too old (HTTP 410): list and reconcile."""
-
-
-def parse_cpu(value) -> float:
-    """Cores in a CPU quantity: ``"500m"`` -> 0.5, ``"2"`` -> 2.0."""
-    text = str(value).strip()
-    if text and text[-1] in _CPU_SUFFIX:
-        return float(text[:-1]) * _CPU_SUFFIX[text[-1]]
-    return float(text)
-
-
-def parse_memory(value) -> int:
-    """Bytes in a memory quantity: ``"4Gi"``, ``"500M"``, ``"1e9"``."""
-    text = str(value).strip()
-    for suffix in sorted(_MEM_SUFFIX, key=len, reverse=True):
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * _MEM_SUFFIX[suffix])
-    return int(float(text))
 
 
 def parse_time(value: str | None) -> int | None:

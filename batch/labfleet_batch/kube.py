@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from labfleet_hub import contract
 from labfleet_hub.posix_ids import HubIds
+from labfleet_hub.quantities import parse_cpu, parse_memory
 from labfleet_spawner.catalogue import Catalogue
 from labfleet_spawner.kueue import pending_in_order
 from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
@@ -226,6 +227,28 @@ def queue_info(workload: dict | None) -> dict[str, Any]:
     return info
 
 
+def usage_from_local_queue(queue: dict, config: QueueConfig, group: str) -> dict[str, float]:
+    """A LocalQueue's ``status.flavorsUsage`` as cpu, memory, ``acc:<name>`` and ``jobs``."""
+    status = queue.get("status") or {}
+    if "flavorsUsage" not in status:
+        return {}
+    # each accelerator has its own flavor; CPU and memory are counted in every flavor
+    accelerator_of = {config.flavor(a): a for a in config.groups[group].accelerators}
+    used: dict[str, float] = {"cpu": 0.0, "memory": 0.0}
+    for flavor in status["flavorsUsage"]:
+        for resource in flavor.get("resources") or []:
+            name, total = resource["name"], resource.get("total", "0")
+            if name == "cpu":
+                used["cpu"] += parse_cpu(total)
+            elif name == "memory":
+                used["memory"] += parse_memory(total)
+            elif flavor["name"] in accelerator_of:
+                key = f"acc:{accelerator_of[flavor['name']]}"
+                used[key] = used.get(key, 0.0) + parse_cpu(total)
+    used["jobs"] = float(status.get("admittedWorkloads", 0))
+    return used
+
+
 class KubeBackend:
     """Batch jobs as Kueue-managed Jobs in each group's namespace."""
 
@@ -294,6 +317,18 @@ class KubeBackend:
             if e.status == 404:
                 return None
             raise
+
+    async def usage(self, group: str) -> dict[str, float]:
+        """What ``group``'s admitted workloads hold: Kueue's own sums on its LocalQueue.
+
+        Keys as the local backend's: ``cpu`` (cores), ``memory`` (bytes),
+        ``acc:<accelerator>`` and ``jobs``; empty when Kueue has not counted yet.
+        """
+        queue = await self.api.request(
+            "GET",
+            f"{KUEUE}/namespaces/{self._ns(group)}/localqueues/{self.config.local_queue(group)}",
+        )
+        return usage_from_local_queue(queue, self.config, group)
 
     async def list_jobs(self, groups: list[str], owner: str | None = None) -> list[JobRecord]:
         selector = f"{contract.LABEL_KIND}={contract.KIND_BATCH}"

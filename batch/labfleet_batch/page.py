@@ -19,6 +19,8 @@ tokens are accepted too, as by HubOAuth everywhere.
 from __future__ import annotations
 
 import html
+import inspect
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +30,8 @@ from tornado import web
 
 from .model import QUEUED, RUNNING, JobRecord
 from .queues import GroupQuota
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 50
 BAR_WIDTH = 320  # px of a full bar (used == quota)
@@ -197,6 +201,21 @@ def render_page(
     )
 
 
+async def measured_usage(measure, group: str) -> dict[str, float] | None:
+    """The backend's sums for ``group`` (sync locally, an API read on Kubernetes), or None:
+    a failed read shows unknown bars rather than breaking the page."""
+    if not callable(measure):
+        return None
+    try:
+        measured = measure(group)
+        if inspect.isawaitable(measured):
+            measured = await measured
+    except Exception as e:  # the API server's answer (403, 404, down): say so in the log
+        log.warning("Cannot read the use of group %s: %s", group, e)
+        return None
+    return measured
+
+
 class QueuePageHandler(HubOAuthenticated, web.RequestHandler):
     """``GET <prefix>``: the page; the API's caller checks and visibility rules."""
 
@@ -218,13 +237,13 @@ class QueuePageHandler(HubOAuthenticated, web.RequestHandler):
 
         caller = caller_from_model(self.current_user, self.hub_auth)
         cfg, policy, backend = self.ctx.config, self.ctx.policy, self.ctx.backend
-        # The local backend sums its running jobs' sizes (records do not carry them);
-        # on Kubernetes the sizes are Kueue's, and CPU/memory bars show "?".
+        # Records do not carry job sizes: the backend sums them (the local backend from
+        # its running jobs, the Kubernetes one from Kueue's LocalQueue status).
         measure = getattr(backend, "usage", None)
         usages, admin_jobs = [], {}
         for group in sorted(g for g in cfg.groups if policy.can_submit(caller, g)):
             records = await backend.list_jobs([group])
-            measured = measure(group) if callable(measure) else None
+            measured = await measured_usage(measure, group)
             usages.append(group_usage(group, cfg.groups[group], records, measured))
             if policy.can_list_group(caller, group):
                 admin_jobs[group] = records

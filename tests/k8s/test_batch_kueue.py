@@ -172,6 +172,15 @@ async def test_submit_to_admitted_job_on_the_right_flavor(k8s_cluster, hub):  # 
         assert body["queue"]["flavors"]["cpu"] == env.config.default_flavor()
         pod = wait_for("a running pod", lambda: env.pod_of("ml", name), 30)
         assert pod["spec"]["nodeName"] == "gpu-t4-01"
+
+        # the queue page's numbers: Kueue's own sums on the group's LocalQueue, read
+        # with the service account's rights
+        async def counted():
+            used = await env.backend.usage(group)
+            return used if used.get("jobs") == 1 else None
+
+        used = await until("Kueue to count the admitted job", counted)
+        assert used["acc:t4"] == 1 and used["cpu"] > 0 and used["memory"] > 0, used
         # alice's notebook uid and private gid, and the gid of the group charged
         user_id, group_ids = hub.db_ids(alice)
         security = pod["spec"]["securityContext"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from labfleet_batch.kube import KubeBackend, KubeError, object_path, queue_info
+from labfleet_batch.kube import (
+    KubeBackend,
+    KubeError,
+    object_path,
+    queue_info,
+    usage_from_local_queue,
+)
 from labfleet_batch.queues import parse_queue_config
 from labfleet_batch.rbac import rbac_objects
 from labfleet_spawner.catalogue import load_catalogue
@@ -114,3 +120,42 @@ def test_rbac_is_namespaced_only_and_manifest_is_current():
     assert all(d["kind"] in ("Role", "RoleBinding") for d in shipped)
     ml = parse_queue_config({"groups": {"ml": {}, "cms": {}}}, CATALOGUE)
     assert shipped == rbac_objects(ml, "labfleet-batch", "labfleet")
+
+
+def test_usage_from_local_queue_status():
+    config = parse_queue_config(
+        {"groups": {"ml": {"cpu": 16, "memory": "64Gi", "accelerators": {"t4": 2, "a100": 1}}}},
+        CATALOGUE,
+    )
+    queue = {
+        "status": {
+            "admittedWorkloads": 2,
+            "flavorsUsage": [
+                {
+                    "name": config.default_flavor(),
+                    "resources": [
+                        {"name": "cpu", "total": "1500m"},
+                        {"name": "memory", "total": "2Gi"},
+                    ],
+                },
+                {
+                    "name": config.flavor("t4"),
+                    "resources": [
+                        {"name": "cpu", "total": "2"},
+                        {"name": "memory", "total": "8Gi"},
+                        {"name": "nvidia.com/gpu", "total": "2"},
+                    ],
+                },
+                # a flavor the group's quota does not name (another group's) counts no GPU
+                {"name": "other-a30", "resources": [{"name": "nvidia.com/gpu", "total": "1"}]},
+            ],
+        }
+    }
+    assert usage_from_local_queue(queue, config, "ml") == {
+        "cpu": 3.5,
+        "memory": 10 * 2**30,
+        "acc:t4": 2.0,
+        "jobs": 2.0,
+    }
+    # Kueue has not counted anything yet: unknown, not zero
+    assert usage_from_local_queue({"status": {}}, config, "ml") == {}
