@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 
 from labfleet_batch.model import QUEUED, RUNNING, SUCCEEDED, JobRecord
-from labfleet_batch.page import BAR_WIDTH, GIB, MAX_ROWS, group_usage, render_page
+from labfleet_batch.page import (
+    BAR_WIDTH,
+    GIB,
+    MAX_ROWS,
+    POSITION_READS,
+    group_usage,
+    render_page,
+    with_positions,
+)
 from labfleet_batch.queues import GroupQuota
 
 QUOTA = GroupQuota("ml", cpu=8, memory="32Gi", accelerators={"t4": 2, "a100": 1}, max_running=4)
@@ -108,3 +116,27 @@ def test_rows_are_capped():
     page = render_page("alice", [], many)
     assert page.count('<tr class="job') == MAX_ROWS
     assert 'data-id="ml/j079"' in page and 'data-id="ml/j000"' not in page
+
+
+async def test_positions_missing_from_a_list_are_read_per_job_within_a_bound():
+    class Backend:
+        reads: list[str] = []
+
+        async def get(self, group, name):
+            self.reads.append(name)
+            if name == "broken":
+                raise RuntimeError("API server down")
+            return job(name, state=QUEUED, queue={"position": 2, "pending_in_queue": 12})
+
+    listed = [job("run"), job("broken", state=QUEUED)] + [
+        job(f"w{i}", state=QUEUED) for i in range(POSITION_READS + 2)
+    ]
+    backend = Backend()
+    out = await with_positions(backend, listed)
+    # running jobs are not read; at most POSITION_READS waiting ones are
+    assert backend.reads == ["broken"] + [f"w{i}" for i in range(POSITION_READS - 1)]
+    assert out[0] is listed[0] and out[1] is listed[1]  # a failed read keeps the record
+    assert out[2].queue["position"] == 2
+    assert out[-1].queue.get("position") is None
+    page = render_page("alice", [], out, {})
+    assert "2 of 12" in page
