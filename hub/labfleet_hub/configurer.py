@@ -370,7 +370,14 @@ def accounting_command(values: dict) -> list[str]:
     if values["spawner"]["kind"] == "local":
         command.append(f"--AccountingApp.spool_path={acc['spool']}")
     else:
-        command.append("--AccountingApp.kubernetes=True")
+        # the group admins' quota page patches the ClusterQueues the batch layout made
+        from labfleet_batch.queues import QueueConfig
+
+        prefix = values["batch"]["queues"].get("name_prefix", QueueConfig.name_prefix)
+        command += [
+            "--AccountingApp.kubernetes=True",
+            f"--AccountingApp.queue_name_prefix={prefix}",
+        ]
     return command
 
 

@@ -106,6 +106,21 @@ def test_kubernetes_mode_runs_the_kubernetes_collector_and_no_spool_hook(config_
     assert "accounting_hook" not in c.LocalGPUSpawner
 
 
+def test_quota_page_patches_the_clusterqueues_the_batch_layout_names(config_dir):
+    from labfleet_accounting.app import AccountingApp
+    from labfleet_batch.queues import parse_queue_config
+    from labfleet_spawner.catalogue import load_catalogue
+
+    values = values_for(config_dir)
+    values["spawner"]["kind"] = "kubernetes"
+    values["batch"]["queues"]["name_prefix"] = "site-a-"
+    app = AccountingApp()
+    app.parse_command_line(accounting_command(values)[4:])
+    assert app.queue_name_prefix == "site-a-"
+    layout = parse_queue_config(values["batch"]["queues"], load_catalogue(values["catalogue"]))
+    assert f"{app.queue_name_prefix}ml" == layout.cluster_queue("ml")
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
