@@ -17,5 +17,8 @@ elif [ "${CI:-}" = true ]; then
   exit 1
 fi
 
+echo "==> lint (ruff check, ruff format --check)"
+.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
 echo "==> running the test suites"
 exec .venv/bin/python -m pytest tests -q -ra "$@"
