@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 from labfleet_hub import devidp
-from labfleet_hub.cli import ensure_proxy
+from labfleet_hub.cli import ensure_proxy, stop_stray_proxy
 
 from tests.conftest import free_port
 from tests.integration.conftest import (
@@ -177,6 +177,7 @@ def main(argv=None):
             browser.close()
     finally:
         stop_platform(stock_proc)
+        stop_stray_proxy(stock_dir / "jupyterhub-proxy.pid")  # its own session: see cli
         stop_platform(lab.process)
         idp.stop()
         shutil.rmtree(values["spawner"]["storage_root"], ignore_errors=True)

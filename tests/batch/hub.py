@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labfleet_hub.cli import stop_stray_proxy
+
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,6 +199,9 @@ def stop_hub(hub: Hub) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(hub.process.pid, signal.SIGKILL)
             hub.process.wait()
+    # The proxy runs in its own session, and a hub stopped while it still waits for
+    # its services (up to 30 s after start) has no SIGTERM handler to stop it.
+    stop_stray_proxy(hub.state / "jupyterhub-proxy.pid")
 
 
 def hub_auth(hub: Hub):
