@@ -37,9 +37,9 @@ import psutil
 import yaml
 from kubernetes_asyncio import client as k8s
 from labfleet_batch import jobs as jobbuilder
-from labfleet_batch.kube import KubeAPI
 from labfleet_batch.queues import parse_queue_config, sync_queues
 from labfleet_batch.validation import validate_request
+from labfleet_hub.kubeclient import KubeAPI
 from labfleet_spawner.catalogue import load_catalogue
 from tornado.httpclient import AsyncHTTPClient
 

@@ -162,8 +162,8 @@ class ServeApp(AccountingApp):
         api = await self._kube_client() if self.kubernetes else None
         quotas = None
         if api is not None:
-            from labfleet_batch.kube import KubeAPI
             from labfleet_batch.queues import QueueConfig
+            from labfleet_hub.kubeclient import KubeAPI
 
             from .quotas import QuotaManager
 

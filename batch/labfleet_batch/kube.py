@@ -1,9 +1,8 @@
 """The Kubernetes/Kueue backend: Jobs in group namespaces, state from Kueue Workloads.
 
-:class:`KubeAPI` is a thin JSON-in/JSON-out layer over an injected
-``kubernetes_asyncio`` ``ApiClient`` (auth, TLS and connection pooling come
-from it); it skips the client's model (de)serialisation, which costs more than
-the HTTP round trip at submission rates. :class:`KubeBackend` implements the
+:class:`~labfleet_hub.kubeclient.KubeAPI` (shared with the hub and the
+accounting service) is a thin JSON-in/JSON-out layer over an injected
+``kubernetes_asyncio`` ``ApiClient``; :class:`KubeBackend` implements the
 service's backend interface with it.
 
 Queue position: Kueue's visibility API (``visibility.kueue.x-k8s.io``,
@@ -17,13 +16,13 @@ does not have.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 from urllib.parse import quote
 
 from labfleet_hub import contract
+from labfleet_hub.kubeclient import KubeAPI, KubeError, object_path  # noqa: F401  (re-exported)
 from labfleet_hub.posix_ids import HubIds
 from labfleet_hub.quantities import parse_cpu, parse_memory
 from labfleet_spawner.catalogue import Catalogue
@@ -43,99 +42,6 @@ VISIBILITY_VERSIONS = ("v1beta2", "v1beta1")
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
-FIELD_MANAGER = "labfleet-batch"
-
-
-class KubeError(Exception):
-    def __init__(self, status: int, message: str, body: Any = None):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
-        self.body = body
-
-
-class KubeAPI:
-    """JSON requests to the API server through a ``kubernetes_asyncio`` ApiClient."""
-
-    def __init__(self, api_client):
-        self.api_client = api_client
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        query: dict | None = None,
-        content_type: str = "application/json",
-        raw: bool = False,
-    ) -> Any:
-        client = self.api_client
-        headers = {
-            **client.default_headers,
-            "Accept": "application/json",
-            "Content-Type": content_type,
-        }
-        params = list((query or {}).items())
-        # The client's own auth step (it honours token refresh hooks), then
-        # straight to its REST layer and connection pool: ApiClient.call_api
-        # would first walk the whole body through sanitize_for_serialization,
-        # the largest CPU cost of a submission in the profile (our bodies are
-        # plain JSON data already).
-        await client.update_params_for_auth(headers, params, ["BearerToken"])
-        resp = await client.rest_client.request(
-            method,
-            client.configuration.host + path,
-            query_params=params,
-            headers=headers,
-            body=body,
-            _preload_content=False,
-        )
-        try:
-            data = await resp.read()
-        finally:
-            resp.release()
-        if resp.status >= 400:
-            try:
-                parsed = json.loads(data)
-                message = parsed.get("message", "")
-            except (ValueError, AttributeError):
-                parsed, message = None, data.decode(errors="replace")[:500]
-            raise KubeError(resp.status, message, parsed)
-        if raw:
-            return data.decode(errors="replace")
-        return json.loads(data) if data else None
-
-    async def apply(self, obj: dict) -> dict:
-        """Server-side apply (create or update in place; never delete-and-recreate)."""
-        return await self.request(
-            "PATCH",
-            object_path(obj),
-            body=obj,
-            query={"fieldManager": FIELD_MANAGER, "force": "true"},
-            content_type="application/apply-patch+yaml",
-        )
-
-
-_PLURALS = {
-    "Namespace": "namespaces",
-    "ResourceFlavor": "resourceflavors",
-    "ClusterQueue": "clusterqueues",
-    "LocalQueue": "localqueues",
-    "WorkloadPriorityClass": "workloadpriorityclasses",
-    "Job": "jobs",
-    "Role": "roles",
-    "RoleBinding": "rolebindings",
-    "ServiceAccount": "serviceaccounts",
-}
-
-
-def object_path(obj: dict) -> str:
-    api_version, kind = obj["apiVersion"], obj["kind"]
-    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    meta = obj["metadata"]
-    ns = f"/namespaces/{meta['namespace']}" if meta.get("namespace") else ""
-    return f"{base}{ns}/{_PLURALS[kind]}/{quote(meta['name'])}"
 
 
 def _condition(obj: dict | None, ctype: str) -> dict | None:

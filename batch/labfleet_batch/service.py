@@ -504,9 +504,10 @@ class BatchService(Application):
 
     async def make_backend(self, config: QueueConfig, catalogue: Catalogue | None = None):
         if self.backend == "kubernetes":
+            from labfleet_hub.kubeclient import KubeAPI
             from labfleet_hub.kubeclient import api_client as make_api_client
 
-            from .kube import KubeAPI, KubeBackend
+            from .kube import KubeBackend
             from .podspec import PodStorage
 
             api_client = await make_api_client(self.kubeconfig)

@@ -134,9 +134,7 @@ def cmd_sync_queues(args) -> int:
         return 0
 
     async def apply() -> list[str]:
-        from labfleet_batch.kube import KubeAPI, KubeError
-
-        from .kubeclient import api_client
+        from .kubeclient import KubeAPI, KubeError, api_client
 
         client = await api_client(args.kubeconfig)
         try:

@@ -26,7 +26,6 @@ are refused with HTTP 400 before any Kubernetes object exists.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -35,6 +34,7 @@ from kubernetes_asyncio.client import V1PodSchedulingGate
 from kubespawner import KubeSpawner
 from kubespawner.slugs import is_valid_label, safe_slug
 from labfleet_hub.contract import KUEUE_ADMISSION_GATE, KUEUE_QUEUE_LABEL, group_local_queue
+from labfleet_hub.kubeclient import KubeAPI
 from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
@@ -567,21 +567,8 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
     # -- queue position -----------------------------------------------------------
 
     async def _api_get(self, path: str) -> dict:
-        """GET ``path`` (JSON) with KubeSpawner's API client; ValueError on an HTTP error."""
-        resp = await self.api.api_client.call_api(
-            path,
-            "GET",
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-        )
-        try:
-            data = await resp.read()
-        finally:
-            resp.release()
-        if resp.status >= 400:
-            raise ValueError(f"GET {path}: HTTP {resp.status}: {data[:200]!r}")
-        return json.loads(data)
+        """GET ``path`` (JSON) with KubeSpawner's API client; KubeError on an HTTP error."""
+        return await KubeAPI(self.api.api_client).request("GET", path)
 
     async def kueue_position(self, pod: dict) -> int | None:
         """The 0-based place of ``pod`` in its LocalQueue, or None when unknown.

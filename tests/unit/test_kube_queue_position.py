@@ -143,15 +143,23 @@ class FakeResponse:
 
 
 class ScriptedClient:
-    """api_client.call_api answering from ``routes``: path prefix -> list of answers."""
+    """An ApiClient (the surface KubeAPI uses) answering from ``routes``: path prefix ->
+    list of answers."""
+
+    default_headers: dict = {}
+    configuration = SimpleNamespace(host="")
 
     def __init__(self, routes: dict[str, list[tuple[int, dict | str]]]):
         self.routes = routes
         self.calls: list[str] = []
+        self.rest_client = self
 
-    async def call_api(self, path, method, **kwargs):
+    async def update_params_for_auth(self, headers, params, auth_settings):
+        assert auth_settings == ["BearerToken"]
+
+    async def request(self, method, path, **kwargs):
         assert method == "GET"
-        assert kwargs["auth_settings"] == ["BearerToken"]
+        assert kwargs["_preload_content"] is False
         self.calls.append(path)
         for prefix, answers in self.routes.items():
             if path.startswith(prefix):
