@@ -501,3 +501,31 @@ def test_startup_error_is_reported_with_log_tail(tmp_path):
         devidp.start(accounts_path=bad, clients=_clients(), log_path=tmp_path / "bad.log")
     assert "exited with code 2" in str(exc.value)
     assert '"password" must be a non-empty string' in str(exc.value)
+
+
+def test_a_start_that_stalls_is_killed_and_tried_again(tmp_path):
+    """The first run hangs alive without listening (as one CI start did); the launcher
+    kills it after half its timeout and the second run serves discovery."""
+    _need_node()
+    marker, stalled_pid = tmp_path / "first-run", tmp_path / "stalled.pid"
+    node = tmp_path / "node"
+    node.write_text(
+        "#!/bin/sh\n"
+        f'if [ ! -e "{marker}" ]; then touch "{marker}"; echo $$ > "{stalled_pid}"; '
+        "exec sleep 600; fi\n"
+        f'exec {shutil.which("node")} "$@"\n'
+    )
+    node.chmod(0o755)
+    accounts = tmp_path / "accounts.yaml"
+    shutil.copy(ACCOUNTS, accounts)
+    server = _start(tmp_path, accounts, node=str(node), timeout=6)
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+        with opener.open(f"{server.local_url}/.well-known/openid-configuration") as resp:
+            doc = json.load(resp)
+        assert doc["issuer"] == server.issuer
+        assert "killed, starting again" in server.log_path.read_text()
+        # the stalled first run is gone, not left behind
+        assert not Path(f"/proc/{stalled_pid.read_text().strip()}").exists()
+    finally:
+        server.stop()

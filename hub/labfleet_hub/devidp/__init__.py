@@ -507,39 +507,57 @@ def start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVIDP_")}
     env.setdefault("NODE_ENV", "development")
     log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by DevIdP.stop
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=install_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-    except OSError as exc:
-        log_file.close()
-        for p in cleanup:
-            p.unlink(missing_ok=True)
-        raise DevIdPError(f"cannot run node ({node}): {exc}") from exc
+    # A start that stalls (alive, never listening; seen once in ~200 starts, with
+    # the event loop blocked before the banner) is killed and tried once more:
+    # each attempt gets half of ``timeout``, a normal start takes well under 1 s.
+    for attempt in (1, 2):
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=install_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        except OSError as exc:
+            log_file.close()
+            for p in cleanup:
+                p.unlink(missing_ok=True)
+            raise DevIdPError(f"cannot run node ({node}): {exc}") from exc
 
-    idp = DevIdP(
-        issuer=issuer,
-        host=host,
-        port=port,
-        process=proc,
-        log_path=log_path,
-        accounts_path=accounts_path,
-        _cleanup=cleanup,
-        _log_file=log_file,
-    )
-    try:
-        _wait_ready(idp, timeout)
-    except BaseException:
-        idp.stop()
-        raise
-    return idp
+        idp = DevIdP(
+            issuer=issuer,
+            host=host,
+            port=port,
+            process=proc,
+            log_path=log_path,
+            accounts_path=accounts_path,
+            _cleanup=cleanup,
+            _log_file=log_file,
+        )
+        try:
+            _wait_ready(idp, timeout / 2)
+            return idp
+        except StartupStalled:
+            if attempt == 2:
+                idp.stop()
+                raise
+            # SIGKILL: a blocked event loop never runs the SIGTERM handler
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            log_file.write(f"[launcher] no answer in {timeout / 2:.0f}s; killed, starting again\n")
+            log_file.flush()
+        except BaseException:
+            idp.stop()
+            raise
+    raise AssertionError("unreachable")
+
+
+class StartupStalled(DevIdPError):
+    """The server is running but did not answer in time."""
 
 
 def _wait_ready(idp: DevIdP, timeout: float) -> None:
@@ -564,7 +582,7 @@ def _wait_ready(idp: DevIdP, timeout: float) -> None:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             last_error = str(exc)
         if time.monotonic() > deadline:
-            raise DevIdPError(
+            raise StartupStalled(
                 f"the development identity provider did not answer {url} within {timeout:.0f}s "
                 f"({last_error}); log {idp.log_path}:\n{idp.log_tail()}"
             )
