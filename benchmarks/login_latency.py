@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 from labfleet_hub import devidp
-from labfleet_hub.cli import ensure_proxy, stop_stray_proxy
+from labfleet_hub.cli import stop_stray_proxy
+from labfleet_hub.node_pieces import ensure_proxy
 
 from tests.conftest import free_port
 from tests.integration.conftest import (

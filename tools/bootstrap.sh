@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Everything labfleet needs on a fresh machine, installed once and reused:
-# Debian packages (Chromium for the browser tests), the virtualenv with the
-# project installed editable, and the Node.js pieces (installed on demand into
-# ${LABFLEET_CACHE:-~/.cache/labfleet} by the Python code itself).
+# Everything labfleet needs on a fresh machine, installed once and reused, and
+# all of it before any test or service runs (no test may depend on another
+# having installed something first):
+#   - Debian packages: nss_wrapper (account names for the per-user uids) when
+#     run as root, plus $LABFLEET_SYSTEM_PACKAGES (tools/test.sh asks for
+#     Chromium, PostgreSQL, Prometheus, OpenSSL);
+#   - the virtualenv .venv with the project installed editable;
+#   - the Node.js pieces (configurable-http-proxy, the development identity
+#     provider) into ${LABFLEET_CACHE:-~/.cache/labfleet} (`labfleet setup`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '==> %s\n' "$*"; }
 
 want_system=${LABFLEET_SYSTEM_PACKAGES:-}
+# as root the local spawner runs notebooks under per-user uids: nss_wrapper gives
+# them names (whoami, the prompt, ls -l) without touching /etc/passwd
+[ "$(id -u)" = 0 ] && want_system="libnss-wrapper $want_system"
 missing=()
 for pkg in $want_system; do
   case $pkg in
@@ -16,6 +24,7 @@ for pkg in $want_system; do
     postgresql) ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql) ;;
     prometheus) command -v prometheus >/dev/null || missing+=(prometheus) ;;
     openssl) command -v openssl >/dev/null || missing+=(openssl) ;;
+    libnss-wrapper) ls /usr/lib/*/libnss_wrapper.so >/dev/null 2>&1 || missing+=(libnss-wrapper) ;;
   esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -53,3 +62,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
+
+# configurable-http-proxy and the identity provider's npm packages, now rather
+# than on first use
+.venv/bin/labfleet setup

@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the browser tests need Chromium; accounting needs PostgreSQL and Prometheus
+started=$SECONDS
 LABFLEET_SYSTEM_PACKAGES="chromium postgresql prometheus openssl" bash tools/bootstrap.sh
+echo "==> set-up (Debian packages, .venv, Node.js pieces) took $((SECONDS - started)) s"
 
 if command -v go >/dev/null && [ -x tools/cluster/build.sh ]; then
   echo "==> building (or reusing) the test cluster binaries"

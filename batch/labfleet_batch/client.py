@@ -42,6 +42,30 @@ from typing import Any
 
 FINAL = ("succeeded", "failed", "cancelled")
 
+#: What makes "the notebook's software" findable: a job gets these from the place it
+#: was submitted from (a cell, a terminal), so what works there works as a job.
+INHERITED_ENV = ("PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "PYTHONPATH")
+
+
+def software_env(
+    environ: dict[str, str] | None = None, executable: str | None = None
+) -> dict[str, str]:
+    """The submitting environment's software settings, for the job's ``env``.
+
+    The running interpreter's folder goes first on ``PATH``: a kernel started from
+    a virtualenv may not have it on ``PATH`` at all, yet ``python`` in the job must
+    be that interpreter.
+    """
+    environ = os.environ if environ is None else environ
+    executable = sys.executable if executable is None else executable
+    env = {k: environ[k] for k in INHERITED_ENV if environ.get(k)}
+    path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p]
+    if executable and os.path.isabs(executable):
+        bindir = os.path.dirname(executable)
+        path = [bindir, *(p for p in path if p != bindir)]
+    env["PATH"] = os.pathsep.join(path)
+    return env
+
 
 class BatchError(Exception):
     """The service refused or failed; ``message`` is the service's explanation."""
@@ -118,9 +142,21 @@ class BatchClient:
     def info(self) -> dict:
         return self._json("GET", "api/info")
 
-    def submit(self, command: list[str] | None = None, script: str | None = None, **fields) -> dict:
-        """Submit; ``fields`` as the service's (group, accelerator, profile, files, ...)."""
+    def submit(
+        self,
+        command: list[str] | None = None,
+        script: str | None = None,
+        inherit_env: bool = True,
+        **fields,
+    ) -> dict:
+        """Submit; ``fields`` as the service's (group, accelerator, profile, files, ...).
+
+        With ``inherit_env`` (the default) the job runs with this process's software
+        environment (:data:`INHERITED_ENV`); variables given in ``env`` win.
+        """
         body = {k: v for k, v in fields.items() if v is not None}
+        if inherit_env:
+            body["env"] = {**software_env(), **(body.get("env") or {})}
         if command is not None:
             body["command"] = list(command)
         if script is not None:
@@ -189,6 +225,12 @@ def _submit_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--priority", help="low, normal, high (as configured)")
     p.add_argument("--offload", action="store_true", default=None, help="interLink offload")
     p.add_argument("--file", dest="files", action="append", default=[], help="input file")
+    p.add_argument(
+        "--clean-env",
+        dest="inherit_env",
+        action="store_false",
+        help="do not pass this environment's PATH, virtualenv or conda env to the job",
+    )
     return p
 
 
@@ -208,6 +250,7 @@ def _fields(args: argparse.Namespace) -> dict:
             "max_run_time",
             "priority",
             "offload",
+            "inherit_env",
         )
     }
     if args.files:

@@ -85,8 +85,23 @@ log = logging.getLogger(__name__)
 #: The batch service's side in the device claims registry shared with the hub.
 CLAIMS_COMPONENT = "batch"
 
-#: Runs a completion and leaves its exit status in "$0" (``<index>.exit``), atomically.
-EXIT_WRAPPER = 'rc=0; "$@" || rc=$?; echo "$rc" > "$0.tmp" && mv -f "$0.tmp" "$0"; exit "$rc"'
+#: Runs a completion and records its exit status in a file (``$1``) that outlives this
+#: service. A command that is not found is said so, naming the command and the PATH
+#: it was looked up in (the shell would name this wrapper instead).
+EXIT_WRAPPER = (
+    'x=$1; shift; rc=0; if command -v -- "$1" >/dev/null 2>&1; then "$@" || rc=$?; '
+    'else echo "labfleet-batch: $1: command not found (PATH=$PATH)"; rc=127; fi; '
+    'echo "$rc" > "$x.tmp" && mv -f "$x.tmp" "$x"; exit "$rc"'
+)
+
+
+def nonzero_exit_message(codes: dict[int, int]) -> str:
+    """Why a job failed, for a person: which completions, with which exit codes."""
+    shown = list(codes.items())[:10]
+    parts = [f"{i} (exit code {c}{': command not found' if c == 127 else ''})" for i, c in shown]
+    more = f" and {len(codes) - len(shown)} more" if len(codes) > len(shown) else ""
+    word = "completion" if len(codes) == 1 else "completions"
+    return f"{word} {', '.join(parts)}{more} exited non-zero; see the logs"
 
 
 @dataclass
@@ -390,11 +405,11 @@ class LocalBackend:
         if not job.record.failed:
             self._finish(job, SUCCEEDED, "")
             return
-        bad = [str(i) for i, c in codes.items() if c not in (0, None)]
         unknown = [str(i) for i, c in codes.items() if c is None]
         why = []
+        bad = {i: c for i, c in codes.items() if c not in (0, None)}
         if bad:
-            why.append(f"completion(s) {', '.join(bad[:10])} exited non-zero")
+            why.append(nonzero_exit_message(bad))
         if unknown:
             why.append(
                 f"completion(s) {', '.join(unknown[:10])} left no exit status (not started, or "
@@ -521,7 +536,8 @@ class LocalBackend:
         layout = job.layout
         env = {
             **job.request.env,
-            "PATH": self.path,
+            # the notebook's PATH when the client sent it (a job runs the same software)
+            "PATH": job.request.env.get("PATH") or self.path,
             "USER": job.record.user,
             "HOME": str(layout.home),
             "SHELL": "/bin/sh",
@@ -573,6 +589,7 @@ class LocalBackend:
                     "/bin/sh",
                     "-c",
                     EXIT_WRAPPER,
+                    "labfleet-job",
                     str(exit_path),
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -639,10 +656,8 @@ class LocalBackend:
         if job.cancelled:
             return
         if job.record.failed:
-            bad = [i for i, c in enumerate(codes) if c != 0]
-            self._finish(
-                job, FAILED, f"completion(s) {', '.join(map(str, bad[:10]))} exited non-zero"
-            )
+            bad = {i: c for i, c in enumerate(codes) if c != 0}
+            self._finish(job, FAILED, nonzero_exit_message(bad))
         else:
             self._finish(job, SUCCEEDED, "")
 

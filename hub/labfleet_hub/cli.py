@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,46 +24,15 @@ from pathlib import Path
 import yaml
 
 from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
+from .node_pieces import NodePiecesError, ensure_proxy, install_all
 from .procs import die_with_parent, port_in_use
 
-CHP_VERSION = "5.3.0"
 DEFAULT_CONFIG = "config/labfleet.yaml"
 
 
 def step(message: str) -> None:
     """Progress for a person waiting at a terminal."""
     print(f"==> {message}", flush=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LABFLEET_CACHE") or Path.home() / ".cache" / "labfleet")
-
-
-def ensure_proxy() -> str:
-    """Path of configurable-http-proxy, installed once from npm into the cache."""
-    prefix = cache_dir() / f"configurable-http-proxy-{CHP_VERSION}"
-    binary = prefix / "node_modules" / ".bin" / "configurable-http-proxy"
-    if binary.exists():
-        return str(binary)
-    npm = shutil.which("npm")
-    if not npm:
-        raise SystemExit("labfleet: npm is not installed; the proxy needs Node.js and npm")
-    step(f"installing configurable-http-proxy {CHP_VERSION} into {prefix} (once)")
-    prefix.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            npm,
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--prefix",
-            str(prefix),
-            f"configurable-http-proxy@{CHP_VERSION}",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return str(binary)
 
 
 def demo_accounts(accounts_path: str) -> list[tuple[str, str, list[str]]]:
@@ -151,6 +119,17 @@ def cmd_sync_queues(args) -> int:
     return 0
 
 
+def cmd_setup(args) -> int:
+    """Install the Node.js pieces now, so nothing installs them on first use."""
+    try:
+        for what, where in install_all(progress=step).items():
+            print(f"{what}: {where}")
+    except NodePiecesError as e:
+        print(f"labfleet: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_up(args) -> int:
     step(f"checking {args.config}")
     try:
@@ -175,7 +154,11 @@ def cmd_up(args) -> int:
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    proxy = ensure_proxy()
+    try:
+        proxy = ensure_proxy(progress=step)
+    except NodePiecesError as e:
+        print(f"labfleet: {e}", file=sys.stderr)
+        return 1
     env = {
         **os.environ,
         "LABFLEET_CONFIG": str(Path(args.config).resolve()),
@@ -258,6 +241,12 @@ def main(argv=None) -> int:
     up = sub.add_parser("up", help="run the single-node platform in the foreground")
     up.add_argument("--config", default=DEFAULT_CONFIG, help="platform YAML (default: %(default)s)")
     up.set_defaults(func=cmd_up)
+    setup = sub.add_parser(
+        "setup",
+        help="install the Node.js pieces (configurable-http-proxy, development identity "
+        "provider) into the cache; make run and make test do this first",
+    )
+    setup.set_defaults(func=cmd_setup)
     check = sub.add_parser("check-config", help="validate the platform YAML and its catalogue")
     check.add_argument("--config", default=DEFAULT_CONFIG)
     check.set_defaults(func=cmd_check_config)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labfleet_hub.cli import stop_stray_proxy
+from labfleet_hub.node_pieces import ensure_proxy
 
 from tests.conftest import free_port
 
@@ -75,14 +75,6 @@ c.JupyterHub.load_roles = [
     }},
 ]
 """
-
-
-def chp_binary() -> str | None:
-    cache = Path(os.environ.get("LABFLEET_CACHE") or Path.home() / ".cache" / "labfleet")
-    found = sorted(
-        cache.glob("configurable-http-proxy-*/node_modules/.bin/configurable-http-proxy")
-    )
-    return str(found[-1]) if found else shutil.which("configurable-http-proxy")
 
 
 @dataclass
@@ -145,9 +137,9 @@ class Hub:
 
 
 def start_hub(state: Path, timeout: float = 90) -> Hub:
-    chp = chp_binary()
-    if chp is None:
-        raise RuntimeError("configurable-http-proxy not found: run `make test` once (bootstrap)")
+    # the same call `labfleet setup` makes: installs the proxy if nothing did yet, so this
+    # harness works whichever suite runs first
+    chp = ensure_proxy()
     state.mkdir(parents=True, exist_ok=True)
     hub_port, admin, batch = free_port(), secrets.token_hex(16), secrets.token_hex(16)
     service_port = free_port()
