@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 
 from jupyterhub.services.auth import HubOAuth
+from labfleet_hub.procs import stop_event
 from prometheus_client import CollectorRegistry
 from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import Application, catch_config_error
@@ -152,6 +152,8 @@ class ServeApp(AccountingApp):
         asyncio.run(self.serve())
 
     async def serve(self):
+        # first: a stop (the hub's SIGINT, Ctrl-C, SIGTERM) during migrations counts too
+        stop = stop_event()
         engine = db.make_engine(self.db_url)
         if self.auto_migrate:
             db.upgrade(engine)
@@ -179,10 +181,6 @@ class ServeApp(AccountingApp):
         app = make_app(context, hub_auth, prefix, self.metrics_token)
         server = app.listen(port, self.ip, xheaders=True)
         self.log.info("Accounting service on http://%s:%d%s", self.ip, port, prefix)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         tasks = []
         if self.spool_path:
             tasks.append(SpoolCollector(ledger, path=self.spool_path, parent=self).run(stop))
@@ -295,6 +293,7 @@ class GpuExporterApp(AccountingApp):
 
         from .gpu_exporter import GpuCollector, GpuSampler, list_node_pods, threadsafe
 
+        stopped = stop_event()
         api = list_pods = None
         if self.kubernetes and not self.pod_resources_json:
             from kubernetes_asyncio import client
@@ -308,10 +307,6 @@ class GpuExporterApp(AccountingApp):
         registry.register(GpuCollector(GpuSampler(), self.owners(list_pods)))
         server, thread = start_http_server(self.exporter_port, self.exporter_ip, registry)
         self.log.info("GPU exporter on http://%s:%d/metrics", self.exporter_ip, self.exporter_port)
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopped.set)
         await stopped.wait()
         # the server thread may be waiting on this loop (a pod listing): stop it first
         await asyncio.to_thread(server.shutdown)
@@ -331,7 +326,11 @@ def main(argv=None) -> int:
     from labfleet_hub.procs import die_with_hub
 
     die_with_hub()
-    AccountingApp.launch_instance(argv)
+    try:
+        AccountingApp.launch_instance(argv)
+    except KeyboardInterrupt:
+        # interrupted before its loop ran (imports, configuration): a stop all the same
+        pass
     return 0
 
 

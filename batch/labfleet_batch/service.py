@@ -10,6 +10,7 @@ Routes (under the service prefix, e.g. ``/services/batch/``)::
     DELETE api/jobs/<group>/<name>          cancel
     GET    health                           no authentication
     GET    (the prefix itself)              the queue page (labfleet_batch.page), hub OAuth login
+    GET    jobs/<group>/<name>[?index=i]    a job's page: details, reason, a completion's log
 
 Every API request carries a hub API token (``Authorization: token ...``;
 cookies are never read for the API, so it needs no XSRF checks);
@@ -27,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from typing import Any
 from urllib.parse import urlparse
 
@@ -34,11 +36,13 @@ import yaml
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, check_scopes
 from jupyterhub.utils import url_path_join
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
+from labfleet_hub.procs import stop_event
+from labfleet_hub.service_page import HubNav
 from labfleet_spawner.catalogue import Catalogue, load_catalogue
 from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 from tornado import httpserver, web
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Dict, Enum, Float, Instance, Integer, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Instance, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from .authz import Caller, Policy
@@ -65,6 +69,7 @@ class Context:
         limits: Limits | None = None,
         log_poll_interval: float = 1.0,
         budget: BudgetGate | None = None,
+        nav: HubNav | None = None,
     ):
         self.backend = backend
         self.catalogue = catalogue
@@ -74,6 +79,8 @@ class Context:
         self.limits = limits or Limits()
         self.log_poll_interval = log_poll_interval
         self.budget = budget
+        #: the hub's navigation bar on the pages; None: from hub_auth, no Services menu
+        self.nav = nav
 
 
 def config_admins(config: QueueConfig) -> dict[str, tuple[str, ...]]:
@@ -305,7 +312,7 @@ class OAuthCallbackHandler(HubOAuthCallbackHandler):
 
 
 def make_app(ctx: Context, prefix: str = "/") -> web.Application:
-    from .page import QueuePageHandler  # page.py imports caller_from_model from here
+    from .page import JobPageHandler, QueuePageHandler  # page.py imports from here
 
     job = r"([a-z0-9][a-z0-9._-]{0,62})/([a-z0-9][-a-z0-9]{0,62})"
     args = {"ctx": ctx}
@@ -315,6 +322,7 @@ def make_app(ctx: Context, prefix: str = "/") -> web.Application:
         (url_path_join(prefix, "api/jobs"), JobsHandler, args),
         (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),
         (url_path_join(prefix, f"api/jobs/{job}/logs"), LogsHandler, args),
+        (url_path_join(prefix, f"jobs/{job}"), JobPageHandler, args),
         (prefix.rstrip("/") + "/?", QueuePageHandler, args),
     ]
     if isinstance(ctx.hub_auth, HubOAuth):
@@ -331,6 +339,7 @@ def make_app(ctx: Context, prefix: str = "/") -> web.Application:
         cookie_secret=os.urandom(32),  # the OAuth state and login cookies; a restart signs in again
         hub_auth=ctx.hub_auth,
         login_url=ctx.hub_auth.login_url,
+        service_prefix=url_path_join(prefix, ""),  # the pages' links
         # HubOAuth checks XSRF on cookie-authenticated requests; the API reads no cookies
         xsrf_cookies=False,
     )
@@ -443,6 +452,13 @@ class BatchService(Application):
         config=True, help="Where to listen; default $JUPYTERHUB_SERVICE_URL or 127.0.0.1:10101."
     )
     hub_auth = Instance(HubAuth, allow_none=True, help="Set by initialize (or by tests).")
+    hub_services = List(
+        Unicode(),
+        config=True,
+        help="""The hub services listed in the Services menu of this service's pages, as the
+        hub lists them in its own (``labfleet up`` passes the services it starts). Empty:
+        this service only ($JUPYTERHUB_SERVICE_NAME).""",
+    )
 
     @default("service_url")
     def _default_url(self):
@@ -494,7 +510,13 @@ class BatchService(Application):
             Limits(**self.limits),
             self.log_poll_interval,
             budget=budget,
+            nav=self.hub_nav(),
         )
+
+    def hub_nav(self) -> HubNav:
+        """The hub's navigation bar for the pages: where the hub is, which services to list."""
+        services = self.hub_services or [os.environ.get("JUPYTERHUB_SERVICE_NAME", "")]
+        return HubNav.from_hub_auth(self.hub_auth, [s for s in services if s])
 
     def hub_ids(self):
         """The hub ids lookup (labfleet_hub.posix_ids) with this service's token, if enabled."""
@@ -548,23 +570,34 @@ class BatchService(Application):
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
 
         async def run():
+            # first: a stop (the hub's SIGINT, Ctrl-C, SIGTERM) during start-up counts too
+            stop = stop_event()
             ctx = await self.make_context()
             server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=MAX_BODY_BYTES)
             server.listen(url.port or 80, url.hostname or "127.0.0.1")
             self.log.info(
                 "labfleet batch service (%s) on %s%s", self.backend, self.service_url, prefix
             )
-            await asyncio.Event().wait()
+            await stop.wait()
+            # Local jobs run in their own sessions and are followed again by the next
+            # service (see LocalBackend.restore): stopping the service leaves them be.
+            self.log.info("labfleet batch service stopping")
+            server.stop()
 
         IOLoop.current().run_sync(run)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     from labfleet_hub.procs import die_with_hub
 
     die_with_hub()
-    BatchService.launch_instance(argv)
+    try:
+        BatchService.launch_instance(argv)
+    except KeyboardInterrupt:
+        # interrupted before its loop ran (imports, configuration): a stop all the same
+        pass
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import signal
 import sys
@@ -53,3 +54,21 @@ def die_with_hub() -> None:
         die_with_parent()
         # the hub stops its services with SIGINT first: make it interrupt us
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, for a service's loop to wait on and stop cleanly.
+
+    Call it first thing in the running loop. JupyterHub stops its managed
+    services with SIGINT (then SIGTERM), and Ctrl-C sends SIGINT to a service
+    run by hand: without these handlers it raises ``KeyboardInterrupt``
+    wherever the loop happens to be, and the traceback lands in the hub's log.
+    """
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, event.set)
+    return event
