@@ -221,10 +221,15 @@ class LocalBackend:
             workdir=jobbuilder.workdir_for(str(layout.home), name),
             offload=False,
         )
-        self._seq += 1
-        job = _Job(record, request, layout, self.isolate, submitted=self._seq)
-        self._jobs[(request.group, name)] = job
+        job = _Job(record, request, layout, self.isolate)
+        # Its folder, script, files and logs folder first, while nobody knows the job: a
+        # scheduling pass (another job finishing) during this await must not find it, or it
+        # would start before its files exist (issue 17). From here on no await until the
+        # job is queued and stored, so it is seen complete or not at all.
         await asyncio.to_thread(self._prepare_workdir, job)
+        self._seq += 1
+        job.submitted = self._seq
+        self._jobs[(request.group, name)] = job
         self._save(job)
         self._schedule()
         return record
