@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "start_timeout": 120,
         "isolate_users": "auto",
         "namespace": "labfleet",
+        "unavailable_profiles": "collapse",
     },
     "devidp": {"enabled": False, "port": 8900, "accounts": "accounts.yaml"},
     "proxy": {"api_port": 8001, "command": []},
@@ -307,8 +308,10 @@ def apply_config(values: dict, c) -> None:
     s.catalogue_path = values["catalogue"]
     s.start_timeout = spawner["start_timeout"]
     s.http_timeout = spawner["start_timeout"]
+    s.unavailable_profiles = spawner["unavailable_profiles"]
     if spawner["kind"] == "local":
         s.storage_root = spawner["storage_root"]
+        s.accounts_dir = str(accounts_dir(values))
         s.isolate_users = {"auto": "auto", "yes": True, "no": False}[spawner["isolate_users"]]
         # the single-user server of this very environment, found without PATH
         s.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
@@ -364,6 +367,7 @@ def accounting_command(values: dict) -> list[str]:
         f"--AccountingApp.log_level={acc['log_level']}",
         # the quota page's ClusterQueue names follow the batch layout
         f"--AccountingApp.catalogue_path={values['catalogue']}",
+        f"--AccountingApp.hub_services={menu_services(values)!r}",
     ]
     if acc["group_admins"]:
         command.append(f"--AccountingApp.group_admins={json.dumps(acc['group_admins'])}")
@@ -379,6 +383,13 @@ def accounting_command(values: dict) -> list[str]:
             f"--AccountingApp.queue_name_prefix={prefix}",
         ]
     return command
+
+
+def menu_services(values: dict) -> list[str]:
+    """The services in the hub's Services menu, in its order: the services' own pages
+    show the same menu (``hub_services``, see :mod:`labfleet_hub.service_page`)."""
+    names = [ACCOUNTING_SERVICE] if values["accounting"]["enabled"] else []
+    return names + ([BATCH_SERVICE] if values["batch"]["enabled"] else [])
 
 
 def apply_accounting(values: dict, c) -> None:
@@ -441,6 +452,12 @@ def device_claims_path(values: dict) -> Path:
     return Path(values["hub"]["state_dir"]) / "device-claims.json"
 
 
+def accounts_dir(values: dict) -> Path:
+    """Account names of the mapped uids (nss_wrapper files), shared by the hub and the
+    batch service: beside the homes, where every user can read them."""
+    return Path(values["spawner"]["storage_root"]) / ".accounts"
+
+
 def batch_command(values: dict) -> list[str]:
     """The command line of the hub-managed batch service (see docs/batch.md)."""
     batch, spawner, hub = values["batch"], values["spawner"], values["hub"]
@@ -454,6 +471,7 @@ def batch_command(values: dict) -> list[str]:
         f"--BatchService.queue_config={batch['queues']!r}",
         f"--BatchService.hub_admins_see_all={batch['hub_admins_see_all']}",
         f"--BatchService.log_level={batch['log_level']}",
+        f"--BatchService.hub_services={menu_services(values)!r}",
     ]
     if batch["limits"]:
         command.append(f"--BatchService.limits={batch['limits']!r}")
@@ -463,6 +481,7 @@ def batch_command(values: dict) -> list[str]:
             f"--BatchService.storage_root={spawner['storage_root']}",
             f"--BatchService.state_dir={Path(hub['state_dir']) / 'batch'}",
             f"--BatchService.device_claims_path={device_claims_path(values)}",
+            f"--BatchService.accounts_dir={accounts_dir(values)}",
         ]
         # the hub's user and group ids give jobs the notebooks' uids (when root)
         if spawner["isolate_users"] != "no":

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 
 from tornado import web
-from traitlets import Any, Dict, HasTraits, Instance, List, Unicode, default
+from traitlets import Any, Dict, Enum, HasTraits, Instance, List, Unicode, default
 
 from .catalogue import Catalogue, Selection, SelectionError, load_catalogue, validate_selection
-from .form import options_from_form, render_form
+from .form import UNAVAILABLE_MODES, options_from_form, render_form
 
 _CATALOGUES: dict[tuple[str, float], Catalogue] = {}
 
@@ -83,6 +83,18 @@ class CatalogueSpawnerMixin(HasTraits):
     )
 
     budget_message = Unicode("", help="The budget warning of this spawn, if any.")
+
+    unavailable_profiles = Enum(
+        UNAVAILABLE_MODES,
+        "collapse",
+        config=True,
+        help="""What the spawn form does with profiles whose accelerator has no device on
+        this machine (local spawner) or cluster (Kubernetes, nodes the user's groups may
+        use): ``collapse`` lists them after the others, disabled, in a closed "Not
+        available here" section; ``hide`` leaves them out. Profiles that can run here
+        always come first. Requests are still checked on the server either way.
+        """,
+    )
 
     @property
     def catalogue(self) -> Catalogue:
@@ -151,7 +163,9 @@ class CatalogueSpawnerMixin(HasTraits):
         return lambda spawner: spawner.render_options_form()
 
     def render_options_form(self, message: str = "") -> str:
-        return render_form(self.offered(), self.availability(), message)
+        return render_form(
+            self.offered(), self.availability(), message, self.unavailable_profiles
+        )
 
     @default("options_from_form")
     def _labfleet_options_from_form(self):

@@ -27,20 +27,55 @@ def _environment() -> jinja2.Environment:
     )
 
 
+#: What the form can do with profiles whose accelerator has no device here at all.
+UNAVAILABLE_MODES = ("collapse", "hide")
+
+
+def split_by_presence(
+    choices: list[ProfileChoice], availability: dict[str, tuple[int, int]]
+) -> tuple[list[ProfileChoice], list[ProfileChoice]]:
+    """(profiles this machine or cluster can run, profiles whose accelerator it has none of).
+
+    "None of" means a total of 0 in ``availability``; a profile without an
+    accelerator, or whose accelerator has no entry (availability unknown), is
+    runnable. Catalogue order is kept within each list.
+    """
+    here, absent = [], []
+    for choice in choices:
+        counts = availability.get(choice.accelerator.name) if choice.accelerator else None
+        (absent if counts is not None and counts[1] == 0 else here).append(choice)
+    return here, absent
+
+
 def render_form(
     choices: list[ProfileChoice],
     availability: dict[str, tuple[int, int]] | None = None,
     message: str = "",
+    unavailable: str = "collapse",
 ) -> str:
-    """HTML for the profile choices; ``availability`` maps accelerator name to (free, total)."""
-    selected = next((c.profile.name for c in choices if c.profile.default), None)
-    if selected is None and choices:
-        selected = choices[0].profile.name
+    """HTML for the profile choices; ``availability`` maps accelerator name to (free, total).
+
+    Profiles whose accelerator has no device here come after the others, in a
+    closed ``<details>`` section (``unavailable="collapse"``), or not at all
+    (``"hide"``); see :func:`split_by_presence`.
+    """
+    if unavailable not in UNAVAILABLE_MODES:
+        raise ValueError(f"unavailable must be one of {', '.join(UNAVAILABLE_MODES)}")
+    availability = availability or {}
+    here, absent = split_by_presence(choices, availability)
+    # the catalogue's default if it can run here, else the first that can
+    selected = next((c.profile.name for c in here if c.profile.default), None)
+    if selected is None and here:
+        selected = here[0].profile.name
     return (
         _environment()
         .get_template("spawn_form.html")
         .render(
-            choices=choices, availability=availability or {}, selected=selected, message=message
+            choices=here,
+            absent=absent if unavailable == "collapse" else [],
+            availability=availability,
+            selected=selected,
+            message=message,
         )
     )
 

@@ -83,6 +83,15 @@ def test_allowed_user_reaches_jupyterlab(platform, page):
     # the form offers exactly what alice's groups (users, ml) allow
     assert page.locator("#profile-gpu-a100").count() == 1
     assert page.locator("#profile-fpga-u55c").count() == 0
+    # what this machine has comes first; profiles for accelerators it lacks are in a
+    # closed section after them, out of sight (every one of them on a machine without GPUs)
+    absent = page.locator("#labfleet-unavailable fieldset")
+    not_here = page.locator("fieldset:has(.not-here)")
+    assert absent.count() == not_here.count()
+    if absent.count():
+        assert page.locator("#labfleet-unavailable").get_attribute("open") is None
+        assert not absent.first.is_visible()
+        assert page.locator(".labfleet-profiles > fieldset .not-here").count() == 0
     start_server(page, platform, "cpu", image="scipy", size="small")
     wait_for_lab(page)
     assert platform.running_servers("alice") == 1

@@ -39,6 +39,10 @@ def test_bundled_config_is_valid_and_paths_resolved(config_dir):
         (lambda d: d["iam"].update(allowed_groups=["Bad Group"]), "field iam.allowed_groups.0:"),
         (lambda d: d["iam"].update(groups_claims=["roles"]), "field iam.groups_claims.0:"),
         (lambda d: d["spawner"].update(kind="docker"), "field spawner.kind:"),
+        (
+            lambda d: d["spawner"].update(unavailable_profiles="grey"),
+            "field spawner.unavailable_profiles:",
+        ),
         (lambda d: d.update(colour="red"), "field (top level): Additional properties"),
         (lambda d: d.pop("iam"), "'iam' is a required property"),
     ],
@@ -94,3 +98,15 @@ def test_apply_config_sets_hub_traits(config_dir):
     assert c.LocalGPUSpawner.catalogue_path == str(config_dir / "catalogue.yaml")
     assert "custom:labfleet:iam-token!user" in c.Spawner.server_token_scopes
     assert c.CryptKeeper["keys"] == [b"k" * 64]
+
+
+def test_spawn_form_settings_reach_both_spawners(config_dir):
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    secrets = {"client_secret": "s" * 64, "crypt_key": "k" * 64}
+    c = Config()
+    apply_config({**parse_values(data, "x.yaml", config_dir), "secrets": secrets}, c)
+    assert c.LocalGPUSpawner.unavailable_profiles == "collapse"
+    data["spawner"].update(kind="kubernetes", unavailable_profiles="hide")
+    c = Config()
+    apply_config({**parse_values(data, "x.yaml", config_dir), "secrets": secrets}, c)
+    assert c.PlatformKubeSpawner.unavailable_profiles == "hide"
