@@ -163,9 +163,7 @@ class CatalogueSpawnerMixin(HasTraits):
         return lambda spawner: spawner.render_options_form()
 
     def render_options_form(self, message: str = "") -> str:
-        return render_form(
-            self.offered(), self.availability(), message, self.unavailable_profiles
-        )
+        return render_form(self.offered(), self.availability(), message, self.unavailable_profiles)
 
     @default("options_from_form")
     def _labfleet_options_from_form(self):
