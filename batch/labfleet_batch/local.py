@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labfleet_hub.posix_ids import HubIds
+from labfleet_spawner import accounts
 from labfleet_spawner.catalogue import Catalogue, parse_quantity
 from labfleet_spawner.devices import (
     DeviceAllocator,
@@ -155,6 +156,8 @@ class LocalBackend:
         store: JobStore | None = None,
         poll_interval: float = 1.0,
         device_claims_path: str = "",
+        accounts_dir: str = "",
+        nss_wrapper_library: str | None = None,
     ):
         self.config = config
         self.storage_root = storage_root
@@ -167,6 +170,14 @@ class LocalBackend:
                 self.allocator.devices, claims_path=device_claims_path, component=CLAIMS_COMPONENT
             )
         self.hub_ids = hub_ids
+        # names for the mapped uids, as the notebooks have them (labfleet_spawner.accounts)
+        library = nss_wrapper_library
+        if library is None:
+            library = accounts.find_nss_wrapper()
+        self.accounts = None
+        if accounts_dir and library:
+            self.accounts = accounts.AccountsRegistry(accounts_dir)
+        self.nss_env = accounts.nss_env(accounts_dir, library) if self.accounts else {}
         # Isolation needs root and the hub's ids; otherwise jobs run as the service.
         self.isolate = (os.geteuid() == 0 and hub_ids is not None) if isolate is None else isolate
         self.uid_base, self.gid_base = uid_base, gid_base
@@ -192,6 +203,13 @@ class LocalBackend:
             uid = mapped_uid(user_id, self.uid_base)
             gids = {g: mapped_gid(i, self.gid_base) for g, i in groups.items()}
             layout = plan_storage(self.storage_root, user, uid=uid, gid=uid, groups=gids)
+            if self.accounts is not None:
+                try:
+                    await asyncio.to_thread(
+                        self.accounts.register, accounts.Account.from_layout(layout)
+                    )
+                except OSError as e:  # names are a comfort, not a reason to refuse the job
+                    log.error("Cannot record the account of %s: %s", user, e)
         else:
             layout = plan_storage(
                 self.storage_root, user, os.geteuid(), os.getegid(), {group: os.getegid()}
@@ -554,6 +572,7 @@ class LocalBackend:
             "JOB_COMPLETION_INDEX": str(index),
             "LABFLEET_CPU_LIMIT": str(job.request.selection.size.cpu),
             "LABFLEET_MEM_LIMIT": str(job.request.selection.size.memory_bytes),
+            **(self.nss_env if job.isolate else {}),
         }
         visible = cuda_visible_devices(devices)
         env["CUDA_VISIBLE_DEVICES"] = visible

@@ -412,6 +412,13 @@ class BatchService(Application):
         claims on this machine's accelerators (the hub's LocalGPUSpawner.device_claims_path),
         so that a job and a notebook never get the same device. Empty: claims in memory only.""",
     )
+    accounts_dir = Unicode(
+        "",
+        config=True,
+        help="""Local backend: the folder of account names for the mapped uids (the hub's
+        LocalGPUSpawner.accounts_dir), so that jobs, like notebooks, see user and group
+        names. Empty: jobs run under uids without names.""",
+    )
     uid_base = Integer(
         DEFAULT_UID_BASE,
         config=True,
@@ -560,6 +567,7 @@ class BatchService(Application):
             gid_base=self.gid_base,
             store=JobStore(self.state_dir) if self.state_dir else None,
             device_claims_path=self.device_claims_path,
+            accounts_dir=self.accounts_dir,
         )
         # waiting jobs are checked again as new submissions would be
         await backend.restore(catalogue, Limits(**self.limits))

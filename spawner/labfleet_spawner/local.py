@@ -41,8 +41,9 @@ from jupyterhub.spawner import LocalProcessSpawner
 from labfleet_accounting.spool import STATE_START as STATE_ACCOUNTING_START
 from labfleet_accounting.spool import SpoolHook
 from tornado import web
-from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode
+from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode, default
 
+from . import accounts, terminal
 from .base import CatalogueSpawnerMixin
 from .devices import (
     DeviceAllocator,
@@ -136,6 +137,7 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
     # spawner instance (each user's server has its own instance).
     _shared_allocator: ClassVar[DeviceAllocator | None] = None
     _isolation_probes: ClassVar[dict[tuple[str, int, int], bool]] = {}
+    _warned_no_nss_wrapper: ClassVar[bool] = False
 
     storage_root = Unicode(
         "/srv/labfleet",
@@ -211,6 +213,47 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         created (first use).
         """,
     )
+
+    accounts_dir = Unicode(
+        "",
+        config=True,
+        help="""A folder, owned by the hub's user and writable by no one else, where the
+        platform keeps account entries (``passwd``, ``group``) for the mapped uids, so that
+        notebooks and terminals see user and group names (``whoami``, the prompt,
+        ``ls -l``, ``ssh``, ``git``) without entries in ``/etc/passwd``. Give the batch
+        service the same folder (BatchService.accounts_dir); ``labfleet up`` uses
+        ``<state_dir>/accounts``. Needs ``nss_wrapper_library``. Empty: no names.
+        """,
+    )
+
+    nss_wrapper_library = Unicode(
+        config=True,
+        help="""Path of nss_wrapper's ``libnss_wrapper.so`` (Debian package
+        ``libnss-wrapper``), preloaded into isolated notebooks to resolve the names kept
+        in ``accounts_dir``. Default: found in the usual library folders; empty when it
+        is not installed (then notebooks have numbers, not names, and the hub says so
+        once in its log).
+        """,
+    )
+
+    @default("nss_wrapper_library")
+    def _default_nss_wrapper_library(self):
+        return accounts.find_nss_wrapper() or ""
+
+    terminal_shell = List(
+        Unicode(),
+        config=True,
+        help="""The command JupyterLab terminals run. Default: bash reading the system and
+        personal profiles as a login shell does, but keeping the notebook's environment
+        first on PATH (a login shell's /etc/profile would put the system's PATH back, so
+        ``labfleet-batch`` and the notebook's Python would not be found). Empty list:
+        jupyter-server's own choice (a login shell).
+        """,
+    )
+
+    @default("terminal_shell")
+    def _default_terminal_shell(self):
+        return terminal.shell_command()
 
     nvml_module = Any(
         None,
@@ -467,6 +510,32 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
                 self.log.error("Storage for %s: %s", self._log_name, e)
                 raise _http_error(500, f"cannot prepare your storage: {e}", "Storage error") from e
             self.storage = layout
+            if self.isolated:
+                await asyncio.to_thread(self._register_account, layout)
+
+    def _register_account(self, layout: StorageLayout) -> None:
+        """Give the mapped uid a name (see :mod:`labfleet_spawner.accounts`)."""
+        if not self.accounts_dir:
+            return
+        if not self.nss_wrapper_library:
+            if not LocalGPUSpawner._warned_no_nss_wrapper:
+                LocalGPUSpawner._warned_no_nss_wrapper = True
+                self.log.warning(
+                    "nss_wrapper is not installed (Debian: libnss-wrapper): notebooks run "
+                    "under uids without names (the prompt says 'I have no name!')"
+                )
+            return
+        try:
+            accounts.AccountsRegistry(self.accounts_dir).register(
+                accounts.Account.from_layout(layout)
+            )
+        except OSError as e:  # names are a comfort, not a reason to refuse the server
+            self.log.error("Cannot record the account of %s: %s", self._log_name, e)
+
+    def account_env(self) -> dict[str, str]:
+        if self.isolated and self.accounts_dir and self.nss_wrapper_library:
+            return accounts.nss_env(self.accounts_dir, self.nss_wrapper_library)
+        return {}
 
     async def move_certs(self, paths):
         """Internal SSL: copy the certificates into the user's home, readable by the user."""
@@ -507,6 +576,8 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
         # jupyter-server refuses to run as root without it.
         if os.geteuid() == 0 and not self.isolated and "--allow-root" not in args:
             args.append("--allow-root")
+        if self.terminal_shell:
+            args.append(terminal.server_arg(self.terminal_shell))
         return args
 
     def secret_values(self) -> list[str]:
@@ -546,6 +617,8 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
             self.log.warning(
                 "Not passing secret-looking variables to %s: %s", self._log_name, ", ".join(dropped)
             )
+        # after the filter: NSS_WRAPPER_PASSWD names a file of names, not a password
+        env.update(self.account_env())
         return env
 
     async def start(self):

@@ -227,6 +227,7 @@ def test_no_gpu_machine_offers_cpu_only(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="--allow-root is only added for a root hub")
 async def test_allow_root_only_when_not_isolated(tmp_path):
     spawner = make_spawner(tmp_path, two_t4(), args=["--debug"])
+    spawner.terminal_shell = []
     spawner.isolated = False
     assert spawner.get_args() == ["--debug", "--allow-root"]
     spawner.isolated = True
