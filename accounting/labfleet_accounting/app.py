@@ -17,6 +17,7 @@ import sys
 
 from jupyterhub.services.auth import HubOAuth
 from labfleet_hub.procs import stop_event
+from labfleet_hub.service_page import HubNav
 from prometheus_client import CollectorRegistry
 from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import Application, catch_config_error
@@ -97,6 +98,13 @@ class AccountingApp(Application):
     budget_limits_cpu = Bool(
         False, config=True, help="Also refuse CPU-only sessions of a group over its GPU budget."
     )
+    hub_services = List(
+        Unicode(),
+        config=True,
+        help="""The hub services listed in the Services menu of the usage page, as the hub
+        lists them in its own (``labfleet up`` passes the services it starts). Empty:
+        this service only ($JUPYTERHUB_SERVICE_NAME).""",
+    )
 
     subcommands = {
         "migrate": (
@@ -171,11 +179,13 @@ class ServeApp(AccountingApp):
 
             names = QueueConfig(groups={}, name_prefix=self.queue_name_prefix)
             quotas = QuotaManager(KubeAPI(api), engine, names.cluster_queue)
+        hub_auth = HubOAuth(parent=self)
+        services = self.hub_services or [os.environ.get("JUPYTERHUB_SERVICE_NAME", "")]
         context = Context(
             engine, weights, self.admin_group_pattern, dict(self.group_admins),
             BudgetChecker(engine, weights, self.budget_limits_cpu), registry, quotas=quotas,
+            nav=HubNav.from_hub_auth(hub_auth, [s for s in services if s]),
         )  # fmt: skip
-        hub_auth = HubOAuth(parent=self)
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
         port = self.port or _service_port() or 10101
         app = make_app(context, hub_auth, prefix, self.metrics_token)

@@ -5,13 +5,16 @@ with the period, summed per (user, group, kind, accelerator); that is the
 part that must scale with the ledger. :func:`summarize` is pure: it turns
 those sums into GPU-hours per model (MIG slices weighted by their fraction
 of a GPU, configurable), FPGA-hours, CPU-core-hours and memory-GB-hours,
-interactive and batch apart. :func:`to_csv` and :func:`series_svg` render.
+interactive and batch apart. :func:`to_csv` and :func:`series_svg` render;
+:func:`format_hours` is how every page writes hours.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -234,36 +237,85 @@ def query_series(
     return series
 
 
-def series_svg(series: list[dict], metric: str = "gpu_hours", width=640, height=220) -> str:
-    """A stacked bar chart (interactive below, batch above) as inline SVG; no scripts, no CDN."""
-    pad_l, pad_b, pad_t = 48, 24, 12
+def format_hours(value: float) -> str:
+    """Hours as every page shows them: three significant digits, never an exponent.
+
+    ``0``, ``0.00222``, ``0.0417``, ``1.25``, ``12.5``, ``1250``: a short session
+    (a few core-seconds) is not rounded to "0.00", and the chart's axis, its bars'
+    tooltips and the totals table say the same number the same way.
+    """
+    value = float(value)
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    decimals = min(2 - math.floor(math.log10(abs(value))), 9)
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def nice_ceiling(value: float) -> float:
+    """The smallest 1, 2 or 5 times a power of ten at or above ``value`` (> 0): an axis top."""
+    if value <= 0:
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(value))
+    for step in (1, 2, 5, 10):
+        top = step * power
+        # a float's log10 may land a hair below: 0.3 -> 0.5, not 0.3000000001 -> 0.5
+        if top >= value * (1 - 1e-9):
+            return float(f"{top:.12g}")
+    return 10 * power
+
+
+def series_total(series: list[dict], metric: str) -> float:
+    """All of ``metric`` (interactive and batch) over the series: 0 means nothing to draw."""
+    return sum(p[f"{metric}_interactive"] + p[f"{metric}_batch"] for p in series)
+
+
+def series_svg(
+    series: list[dict], metric: str = "gpu_hours", width=640, height=220, unit: str = "h"
+) -> str:
+    """A stacked bar chart (interactive below, batch above) as inline SVG; no scripts, no CDN.
+
+    The y axis runs from 0 to a round number at or above the largest bar (ticks at
+    0, half and top), labelled with :func:`format_hours` and ``unit`` as a tables'
+    column header says it ("CPU core-h"): the axis and the table agree.
+    """
+    pad_l, pad_b, pad_t = 56, 24, 18
     plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
     totals = [p[f"{metric}_interactive"] + p[f"{metric}_batch"] for p in series] or [0]
-    # the scale is the largest bar; an empty period draws an empty chart on 0..1
-    top = max(totals) or 1.0
+    top = nice_ceiling(max(totals))
     bar_w = plot_w / max(len(series), 1)
+    base_y = pad_t + plot_h
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 14}" '
-        f'role="img" aria-label="{metric} per period">',
-        # three significant digits: a short session is 0.00417 h, not "0.0"
-        f'<text x="4" y="{pad_t + 8}" font-size="10">{top:.3g}</text>',
-        f'<text x="4" y="{pad_t + plot_h}" font-size="10">0</text>',
-        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 8}" y2="{pad_t + plot_h}" '
-        'stroke="#888"/>',
+        f'role="img" aria-label="{metric} per period" data-metric="{metric}">',
+        f'<text class="unit" x="{pad_l - 6}" y="10" font-size="10" text-anchor="end">'
+        f"{html.escape(unit)}</text>",
     ]
+    for fraction in (0, 0.5, 1):
+        y = base_y - plot_h * fraction
+        css = "axis" if fraction == 0 else "grid"
+        dash = "" if fraction == 0 else ' stroke-dasharray="3 3"'
+        parts.append(
+            f'<line class="{css}" x1="{pad_l}" y1="{y:.1f}" x2="{width - 8}" y2="{y:.1f}" '
+            f'stroke="#888"{dash}/>'
+            f'<text class="tick" x="{pad_l - 6}" y="{y + 3:.1f}" font-size="10" '
+            f'text-anchor="end">{format_hours(top * fraction)}</text>'
+        )
     for i, point in enumerate(series):
         x = pad_l + i * bar_w
-        base = pad_t + plot_h
+        base = base_y
+        label = datetime.fromtimestamp(point["start"], UTC).strftime("%Y-%m-%d")
         for kind, colour in (("interactive", "#4878d0"), ("batch", "#ee854a")):
             value = point[f"{metric}_{kind}"]
             h = plot_h * value / top
             base -= h
-            label = datetime.fromtimestamp(point["start"], UTC).strftime("%Y-%m-%d")
             w = max(bar_w - 2, 1)
             parts.append(
                 f'<rect class="{kind}" x="{x + 1:.1f}" y="{base:.1f}" width="{w:.1f}" '
                 f'height="{h:.1f}" fill="{colour}">'
-                f"<title>{label} {kind}: {value:.3g}</title></rect>"
+                f"<title>{label} {kind}: {format_hours(value)} {html.escape(unit)}</title></rect>"
             )
     # about five dates along the axis, the last period always
     step = max(1, round(len(series) / 5))
@@ -272,7 +324,7 @@ def series_svg(series: list[dict], metric: str = "gpu_hours", width=640, height=
             x = pad_l + i * bar_w + bar_w / 2
             day = datetime.fromtimestamp(point["start"], UTC).strftime("%m-%d")
             parts.append(
-                f'<text x="{x:.1f}" y="{pad_t + plot_h + 14}" font-size="10" '
+                f'<text x="{x:.1f}" y="{base_y + 14}" font-size="10" '
                 f'text-anchor="middle">{day}</text>'
             )
     parts.append("</svg>")

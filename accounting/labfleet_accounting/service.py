@@ -11,7 +11,8 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 - ``GET  api/usage/series?period=...&bucket=day|week&metric=gpu_hours``
 - ``GET  api/budget/check?group=&accelerator_kind=``  -> a budget Decision
 - ``PUT  api/budgets/<group>`` (platform admins) ``{"gpu_hours", "period", ...}``
-- ``GET  /`` a page with the caller's usage and a chart (inline SVG, no scripts)
+- ``GET  /`` a page with the caller's usage, charts (inline SVG) and totals, in the
+  hub's layout (:mod:`labfleet_accounting.usage_page`)
 - ``GET  metrics`` Prometheus text (see :mod:`labfleet_accounting.metrics`)
 - ``GET|PUT api/quotas/<group>`` (group and platform admins), ``GET|PUT
   api/quota-caps/<group>`` (PUT: platform admins), ``GET api/audit?group=``,
@@ -21,13 +22,13 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import os
 import time
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
+from labfleet_hub.service_page import HubNav
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tornado import web
@@ -40,10 +41,10 @@ from .reports import (
     parse_period,
     query_series,
     query_usage,
-    series_svg,
     summarize,
     to_csv,
 )
+from .usage_page import render_usage_page
 
 BUCKETS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
 
@@ -53,8 +54,9 @@ class Context:
 
     def __init__(self, engine, weights: Weights, admin_group_pattern: str, group_admins: dict,
                  budgets: BudgetChecker, registry: CollectorRegistry, clock=time.time,
-                 quotas=None):  # fmt: skip
+                 quotas=None, nav: HubNav | None = None):  # fmt: skip
         self.engine = engine
+        self.nav = nav  # the hub's navigation bar on the page; None: from hub_auth
         self.quotas = quotas  # a QuotaManager; None without Kubernetes
         self.weights = weights
         self.admin_group_pattern = admin_group_pattern
@@ -181,21 +183,9 @@ class BudgetHandler(BaseHandler):
         self.finish({"group": group, "gpu_hours": gpu_hours, "period": period})
 
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>labfleet usage</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
-.legend span{{display:inline-block;width:1em;height:1em;margin:0 4px}}</style></head><body>
-<h1>Usage {period}</h1><p>Signed in as {user}. {scope}</p>
-<h2>GPU-hours per day</h2>{gpu_svg}
-<p class="legend"><span style="background:#4878d0"></span>interactive
-<span style="background:#ee854a"></span>batch</p>
-<h2>CPU core-hours per day</h2>{cpu_svg}
-<h2>Totals</h2><table id="totals"><tr><th>{by}</th><th>kind</th><th>GPU-h</th><th>FPGA-h</th>
-<th>CPU core-h</th><th>memory GB-h</th></tr>{rows}</table>
-<p><a href="api/usage?period={period}&by={by}&format=csv{extra}">CSV</a>
-<a href="api/usage?period={period}&by={by}{extra}">JSON</a></p></body></html>"""
-
-
 class PageHandler(BaseHandler):
+    """The usage page (:mod:`labfleet_accounting.usage_page`), in the hub's layout."""
+
     @web.authenticated
     async def get(self):
         try:
@@ -212,33 +202,19 @@ class PageHandler(BaseHandler):
             query_series, self.ctx.engine, start, end, 86400, flt, self.ctx.weights, now
         )
         summary = summarize(rows, by, self.ctx.weights)
-        lines = []
-        for name in sorted(summary):
-            for kind in ("interactive", "batch"):
-                acc = summary[name].get(kind)
-                if acc:
-                    lines.append(
-                        f"<tr><td>{html.escape(name)}</td><td>{kind}</td>"
-                        f"<td>{acc['gpu_hours_total']:.2f}</td>"
-                        f"<td>{sum(acc['fpga_hours'].values()):.2f}</td>"
-                        f"<td>{acc['cpu_core_hours']:.2f}</td>"
-                        f"<td>{acc['memory_gb_hours']:.2f}</td></tr>"
-                    )
         scope = (
             "You see everything (platform admin)."
             if identity.admin and not group
-            else f"Group {html.escape(group)}."
+            else f"Group {group}."
             if group
             else "Your own usage."
         )
+        nav = self.ctx.nav or HubNav.from_hub_auth(self.hub_auth)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(
-            PAGE.format(
-                period=html.escape(label), user=html.escape(identity.name), scope=scope,
-                gpu_svg=series_svg(series, "gpu_hours"),
-                cpu_svg=series_svg(series, "cpu_core_hours"),
-                by=by, rows="".join(lines),
-                extra=f"&group={html.escape(group)}" if group else "",
+            render_usage_page(
+                self.current_user, label, scope, summary, series, by, group, nav,
+                self.settings.get("service_prefix", ""),
             )
         )  # fmt: skip
 
@@ -299,7 +275,7 @@ def make_app(
     ]
     return web.Application(
         routes, cookie_secret=cookie_secret or os.urandom(32), hub_auth=hub_auth,
-        login_url=hub_auth.login_url,
+        login_url=hub_auth.login_url, service_prefix=url_path_join(prefix, ""),
         # No tornado-level XSRF: HubOAuth checks XSRF itself on cookie-authenticated
         # requests (and token-authenticated API calls need none).
         xsrf_cookies=False,

@@ -22,6 +22,8 @@ from labfleet_spawner.catalogue import (
     validate_selection,
 )
 
+from .names import default_job_name
+
 #: A job's display name: becomes part of the Job name, so DNS-label characters only.
 JOB_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 _JOB_NAME_RE = re.compile(JOB_NAME_PATTERN)
@@ -272,8 +274,8 @@ def validate_request(
     user_groups = sorted(user_groups)
     group = _pick_group(raw.get("group"), user_groups, queue_groups)
 
-    name = raw.get("name") or "job"
-    if not isinstance(name, str) or not _JOB_NAME_RE.match(name):
+    name = raw.get("name") or ""  # none given: named after its command, below
+    if name and (not isinstance(name, str) or not _JOB_NAME_RE.match(name)):
         raise RequestError(
             f"name {str(name)[:64]!r} is not allowed; allowed: lower-case letters, digits "
             "and -, starting and ending with a letter or digit, at most 32 characters"
@@ -284,6 +286,8 @@ def validate_request(
         raise RequestError("send exactly one of command (a list of arguments) or script (text)")
     command = _command(raw["command"], limits) if has_command else ()
     script = _script(raw["script"], limits) if has_script else None
+    # unnamed: called after what it runs (train.py -> "train"), so a person finds it again
+    name = name or default_job_name(command, script)
 
     options = {k: raw[k] for k in ("profile", "image", "size", "count") if raw.get(k) is not None}
     accelerator = raw.get("accelerator")

@@ -25,6 +25,7 @@ from labfleet_spawner.storage import DEFAULT_UID_BASE
 from tornado import web
 
 from tests.batch.harness import (
+    PREFIX,
     cross_tenant_matrix,
     make_context,
     running_service,
@@ -415,3 +416,29 @@ def test_load_ipython_extension_registers_cell_magic():
     shell = InteractiveShell.instance()
     batch_client.load_ipython_extension(shell)
     assert "batch" in shell.magics_manager.magics["cell"]
+
+
+async def test_pages_show_a_failed_job_by_name_with_its_reason_and_log(service, users):
+    """The queue page and the job page, read with a token (browsers sign in with OAuth)."""
+    alice, token = by_prefix(users, "alice")
+    bob, bob_token = by_prefix(users, "bob")
+    r = await service.call("POST", "api/jobs", token, {"command": ["python3", "missing_train.py"]})
+    assert r.status == 201 and r.body["display_name"] == "missing-train", r.text
+    job_id = r.body["id"]
+    done = await service.wait_state(job_id, token, {"failed"})
+    assert "exit code 2" in done["message"], done
+    page = await service.call("GET", "", token)
+    assert page.status == 200 and '<nav class="navbar' in page.text
+    row = page.text.split(f'data-id="{job_id}">', 1)[1].split("</tr>", 1)[0]
+    assert ">missing-train</a>" in row and "text-bg-danger" in row
+    assert "exit code 2" in row.split('<td class="reason small">', 1)[1].split("</td>", 1)[0]
+    href = f'href="{PREFIX}jobs/{job_id}">logs</a>'
+    assert href in row
+    detail = await service.call("GET", f"jobs/{job_id}", token)
+    assert detail.status == 200 and "missing_train.py" in detail.text
+    assert "can&#x27;t open file" in detail.text.split('id="job-log"', 1)[1]
+    # another group's member: 404, as for a job that does not exist, in the hub's layout
+    refused = await service.call("GET", f"jobs/{job_id}", bob_token)
+    assert refused.status == 404 and "missing_train" not in refused.text
+    assert f"no job {job_id} that you may see" in refused.text and 'id="logout"' in refused.text
+    assert (await service.call("GET", f"jobs/{job_id}?index=1", token)).status == 400

@@ -93,6 +93,28 @@ def test_command_is_understood_by_the_service(config_dir):
     assert c.LocalGPUSpawner.device_claims_path == app.device_claims_path
 
 
+def test_both_services_pages_list_the_hub_s_services_menu(config_dir):
+    from labfleet_accounting.app import AccountingApp
+    from labfleet_hub.configurer import accounting_command
+
+    values = values_for(config_dir)
+    c = Config()
+    apply_config(values, c)
+    menu = [s["name"] for s in c.JupyterHub.services.get_value([]) if s.get("display")]
+    batch = BatchService()
+    batch.parse_command_line(batch_command(values)[3:])
+    accounting = AccountingApp()
+    accounting.parse_command_line(accounting_command(values)[4:])
+    assert batch.hub_services == accounting.hub_services == menu == ["accounting", "batch"]
+    # without accounting, the batch page lists only itself
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    data["accounting"]["enabled"] = False
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    batch = BatchService()
+    batch.parse_command_line(batch_command(values_for(config_dir))[3:])
+    assert batch.hub_services == ["batch"]
+
+
 def test_no_isolation_means_no_hub_ids(config_dir):
     data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
     data["spawner"]["isolate_users"] = "no"

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import re
 
-from labfleet_batch.model import QUEUED, RUNNING, SUCCEEDED, JobRecord
+from labfleet_batch.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from labfleet_batch.page import (
     BAR_WIDTH,
     GIB,
+    LOG_TAIL_BYTES,
     MAX_ROWS,
     POSITION_READS,
     group_usage,
+    render_job_page,
     render_page,
     with_positions,
 )
 from labfleet_batch.queues import GroupQuota
+from labfleet_hub.service_page import HubNav
 
 QUOTA = GroupQuota("ml", cpu=8, memory="32Gi", accelerators={"t4": 2, "a100": 1}, max_running=4)
 
@@ -63,6 +66,17 @@ def test_parallel_pods_hold_count_each_and_unknown_sizes_say_so():
     assert drawn["CPU"] == (0.0, "CPU: ? / 8")
 
 
+def test_known_use_with_nothing_running_is_zero_not_unknown():
+    # the local backend's sums leave out what no running job holds: {} is "nothing"
+    drawn = bars(render_page("alice", [group_usage("ml", QUOTA, [], {})], []))
+    assert drawn["CPU"] == (0.0, "CPU: 0 / 8")
+    assert drawn["memory"] == (0.0, "memory: 0 / 32 GiB")
+    half = group_usage("ml", QUOTA, [job("a")], {"cpu": 0.5, "jobs": 1})
+    drawn = bars(render_page("alice", [half], []))
+    assert drawn["CPU"] == (BAR_WIDTH * 0.5 / 8, "CPU: 0.5 / 8")
+    assert drawn["memory"][1] == "memory: 0 / 32 GiB"
+
+
 def test_waiting_jobs_show_their_position():
     own = [
         job("run", created="2025-01-01T00:00:00Z", accelerator="t4", count=1),
@@ -80,6 +94,92 @@ def test_waiting_jobs_show_their_position():
     assert '<td class="position">2 of 3</td>' in rows[0][2]
     assert '<td class="position"></td>' in rows[1][2]
     assert "t4 &times; 1" in rows[1][2]
+
+
+def test_jobs_show_the_name_their_owner_gave_and_their_id():
+    own = [
+        job("train-x1y2z3w4", display_name="train", created="2025-01-01T00:00:00Z"),
+        job("old-name-only"),  # a record without a display name: its job name
+    ]
+    page = render_page("alice", [], own)
+    names = re.findall(r'<a class="job-name[^"]*" href="[^"]*">([^<]*)</a>', page)
+    ids = re.findall(r'<small class="job-id[^"]*">([^<]*)</small>', page)
+    assert names == ["train", "old-name-only"]
+    assert ids == ["ml/train-x1y2z3w4", "ml/old-name-only"]
+
+
+def test_a_failed_job_says_why_and_links_to_its_logs():
+    why = "completion 0 (exit code 2) exited non-zero; see the logs"
+    own = [
+        job("fit-a1", FAILED, display_name="fit", message=why, created="2025-01-01T00:00:02Z"),
+        job("stop-b2", CANCELLED, message="cancelled by request", created="2025-01-01T00:00:01Z"),
+        job(
+            "wait-c3",
+            QUEUED,
+            queue={"position": 1, "pending_in_queue": 1, "message": "insufficient quota for cpu"},
+            created="2025-01-01T00:00:00Z",
+        ),
+    ]
+    page = render_page("alice", [], own, prefix="/services/batch/")
+    rows = dict(re.findall(r'<tr class="job state-\w+" data-id="([^"]+)">(.*?)</tr>', page))
+    failed = rows["ml/fit-a1"]
+    assert '<span class="badge text-bg-danger">failed</span>' in failed
+    assert f'<td class="reason small">{why}</td>' in failed
+    assert '<td class="logs"><a href="/services/batch/jobs/ml/fit-a1">logs</a></td>' in failed
+    assert "cancelled by request" in rows["ml/stop-b2"]
+    # a waiting job says why it waits; it has no log yet, only its page
+    assert "insufficient quota for cpu" in rows["ml/wait-c3"]
+    assert '<a href="/services/batch/jobs/ml/wait-c3">details</a>' in rows["ml/wait-c3"]
+
+
+def test_the_job_page_shows_the_reason_and_a_completion_s_log():
+    record = job(
+        "fit-a1", FAILED, display_name="fit", message="completion 1 (exit code 2) exited",
+        completions=3, failed=1, succeeded=2, profile="cpu", workdir="/home/alice/batch/fit-a1",
+    )  # fmt: skip
+    log = "python: can't open file 'fit.py': <No such file>\n"
+    page = render_job_page("alice", record, 1, log, prefix="/services/batch/")
+    assert '<h1 class="h2 job-name">fit</h1>' in page
+    assert "completion 1 (exit code 2) exited" in page
+    assert "can&#x27;t open file &#x27;fit.py&#x27;: &lt;No such file&gt;" in page  # escaped
+    # one link per completion, the shown one active; back to the queue
+    assert re.findall(r'href="/services/batch/jobs/ml/fit-a1\?index=(\d)"', page) == [
+        "0", "1", "2"
+    ]  # fmt: skip
+    active = re.findall(r'<li class="page-item active"><a class="page-link" href="([^"]+)">', page)
+    assert active == ["/services/batch/jobs/ml/fit-a1?index=1"]
+    assert 'href="/services/batch/">&larr; Batch queue</a>' in page
+    assert 'http-equiv="refresh"' not in page  # finished: nothing changes any more
+    # a queued job has no log yet: the page says why, and reloads
+    waiting = job("w", QUEUED, queue={"position": 2, "pending_in_queue": 2})
+    page = render_job_page("alice", waiting, 0, None, "completion 0 has not started yet")
+    assert "No log yet: completion 0 has not started yet" in page
+    assert '<meta http-equiv="refresh" content="10">' in page
+    # a long log: its end, and a note
+    page = render_job_page("alice", record, 0, "x" * (LOG_TAIL_BYTES + 10) + "END")
+    assert "END</pre>" in page and f"The last {LOG_TAIL_BYTES // 1024} KiB" in page
+
+
+def test_the_pages_are_the_hub_s_pages():
+    nav = HubNav("/jh/hub/", ("accounting", "batch"))
+    for page in (
+        render_page({"name": "alice", "admin": False}, [], [], nav=nav),
+        render_job_page({"name": "alice"}, job("j"), 0, "", nav=nav),
+    ):
+        # the hub's stylesheet, scripts (Bootstrap, dark mode) and navigation bar
+        assert '<link rel="stylesheet" href="/jh/hub/static/css/style.min.css" />' in page
+        assert 'src="/jh/hub/static/js/darkmode.js"' in page
+        assert '<nav class="navbar navbar-expand-sm bg-body-tertiary mb-4">' in page
+        assert '<a class="nav-link" href="/jh/hub/home">Home</a>' in page
+        assert '<a class="nav-link" href="/jh/hub/token">Token</a>' in page
+        assert 'href="/jh/hub/admin"' not in page  # not an admin
+        assert '<a class="dropdown-item" href="/jh/services/accounting/">accounting</a>' in page
+        assert '<a class="dropdown-item" href="/jh/services/batch/">batch</a>' in page
+        assert 'id="dark-theme-toggle"' in page
+        assert '<span class="me-1">alice</span>' in page
+        assert 'id="logout"' in page and 'href="/jh/hub/logout"' in page
+    admin = render_page({"name": "carol", "admin": True}, [], [], nav=nav)
+    assert '<a class="nav-link" href="/jh/hub/admin">Admin</a>' in admin
 
 
 def test_user_strings_are_escaped():
