@@ -8,6 +8,8 @@ What it adds to OAuthenticator's ``GenericOAuthenticator``:
   clear error page instead of crashing);
 - groups from the ``groups`` and/or ``wlcg.groups`` claims, mapped to hub
   groups through :func:`labfleet_hub.groups.map_iam_groups`;
+- a refused login says why and whom to ask (:mod:`labfleet_hub.refusal`):
+  the allowed groups, the person's groups and :attr:`IAMAuthenticator.refusal_contact`;
 - membership and token freshness re-checked before every spawn: the access
   token is refreshed when it is about to expire, the user info is read again,
   and a user no longer in an allowed group cannot start a server;
@@ -22,7 +24,7 @@ import json
 import logging
 import time
 
-from jupyterhub.utils import url_path_join
+from jupyterhub.utils import maybe_future, url_path_join
 from oauthenticator.generic import GenericOAuthenticator
 from oauthenticator.oauth2 import OAuthLoginHandler
 from tornado import web
@@ -31,6 +33,7 @@ from traitlets import Bool, Integer, List, Unicode, default
 
 from . import redact
 from .groups import map_iam_groups
+from .refusal import LoginRefused, Refusal, login_refusal
 
 DEFAULT_SCOPES = ["openid", "profile", "email", "offline_access", "wlcg", "wlcg.groups"]
 
@@ -115,6 +118,17 @@ class IAMAuthenticator(GenericOAuthenticator):
         help="""Refresh the access token when it expires within this many seconds.
 
         Checked on every refresh (before every spawn and every auth_refresh_age).
+        """,
+    )
+
+    refusal_contact = Unicode(
+        "",
+        config=True,
+        help="""Whom a person refused at login should ask for access, shown on the refusal
+        page with the groups allowed here: an e-mail address or a URL (shown as a link)
+        or any text, e.g. ``the AI_INFN support team, ai-infn-support@example.org``.
+
+        Empty: "the platform's administrators".
         """,
     )
 
@@ -215,7 +229,45 @@ class IAMAuthenticator(GenericOAuthenticator):
 
     async def authenticate(self, handler, data=None, **kwargs):
         await self.discover()
-        return await super().authenticate(handler, data, **kwargs)
+        auth_model = await super().authenticate(handler, data, **kwargs)
+        if auth_model is not None:
+            await self._refuse_with_reason(auth_model)
+        return auth_model
+
+    # -- refusals -------------------------------------------------------------
+
+    def refusal(self, username: str, auth_model: dict, no_longer: bool = False) -> Refusal:
+        """What a person refused for their groups is told (see :mod:`labfleet_hub.refusal`)."""
+        claims = (auth_model.get("auth_state") or {}).get(self.user_auth_state_key) or {}
+        return login_refusal(
+            username,
+            claims,
+            self.groups_claims,
+            self.allowed_groups,
+            self.group_prefix,
+            self.refusal_contact,
+            no_longer=no_longer,
+        )
+
+    async def _refuse_with_reason(self, auth_model: dict) -> None:
+        """Raise :class:`LoginRefused` for a login that JupyterHub would refuse for its groups.
+
+        The same checks as JupyterHub's ``get_authenticated_user``, run once
+        more here because it drops the reason: it returns None and the callback
+        shows a generic 403. Invalid and blocked names are left to it.
+        """
+        if self.allow_all:
+            return
+        username = self.normalize_username(auth_model["name"])
+        if not self.validate_username(username):
+            return
+        if not await maybe_future(self.check_blocked_users(username, auth_model)):
+            return
+        if await maybe_future(self.check_allowed(username, auth_model)):
+            return
+        refusal = self.refusal(username, auth_model)
+        self.log.warning("Login refused: %s", refusal.text())
+        raise LoginRefused(refusal)
 
     # -- groups ---------------------------------------------------------------
 
@@ -268,15 +320,9 @@ class IAMAuthenticator(GenericOAuthenticator):
         if isinstance(auth_model, dict):
             allowed = await self.check_allowed(auth_model["name"], auth_model)
             if not allowed:
-                groups = ", ".join(sorted(auth_model.get("groups") or [])) or "none"
-                self.log.warning(
-                    "%s is no longer in an allowed group (groups now: %s)", user.name, groups
-                )
-                raise web.HTTPError(
-                    403,
-                    f"{user.name} is no longer a member of a group allowed on this platform "
-                    f"(allowed: {', '.join(sorted(self.allowed_groups))}); ask your group admin.",
-                )
+                refusal = self.refusal(user.name, auth_model, no_longer=True)
+                self.log.warning("Spawn refused: %s", refusal.text())
+                raise LoginRefused(refusal)
         return auth_model
 
     async def fresh_access_token(self, user) -> dict:

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "group_prefix": "",
         "allowed_groups": ["users"],
         "admin_groups": [],
+        "refusal_contact": "",
         "token_refresh_margin": 300,
         "auth_refresh_age": 300,
         "validate_server_cert": True,
@@ -285,6 +286,7 @@ def apply_config(values: dict, c) -> None:
     a.group_prefix = iam["group_prefix"]
     a.allowed_groups = set(iam["allowed_groups"])
     a.admin_groups = set(iam["admin_groups"])
+    a.refusal_contact = iam["refusal_contact"]
     a.admin_users = set(hub["admin_users"])
     a.token_refresh_margin = iam["token_refresh_margin"]
     a.auth_refresh_age = iam["auth_refresh_age"]

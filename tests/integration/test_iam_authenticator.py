@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 from labfleet_hub.authenticator import IAMAuthenticator, IdentityProviderUnavailable
+from labfleet_hub.refusal import LoginRefused
 from tornado import web
 
 from tests.conftest import free_port
@@ -104,6 +105,24 @@ async def test_login_maps_groups_and_admin(idp):
     assert not await auth.check_allowed("mallory", model)
 
 
+async def test_refused_login_says_which_groups_are_allowed_and_whom_to_ask(idp):
+    auth = make_authenticator(idp.issuer, refusal_contact="support@example.org")
+    await auth._refuse_with_reason(await login(auth, idp, "alice"))  # allowed: no error
+    model = await login(auth, idp, "mallory")
+    with pytest.raises(LoginRefused) as info:
+        await auth._refuse_with_reason(model)
+    refusal = info.value.refusal
+    assert info.value.status_code == 403
+    assert refusal.allowed_groups == ("ai-infn/users",)
+    assert refusal.user_groups == ("other-org/users",)
+    assert refusal.contact_href == "mailto:support@example.org"
+    # with no group rule at all, nobody is refused for their groups
+    everyone = make_authenticator(idp.issuer)
+    everyone.allowed_groups = set()
+    everyone.allow_all = True
+    await everyone._refuse_with_reason(model)
+
+
 async def test_refresh_uses_refresh_token_when_expiring_and_rereads_groups(idp):
     auth = make_authenticator(idp.issuer)
     model = await login(auth, idp, "bob")
@@ -126,6 +145,8 @@ async def test_refresh_refuses_user_removed_from_allowed_groups(idp):
         await auth.refresh_user(user)
     assert info.value.status_code == 403
     assert "no longer a member of a group allowed" in info.value.log_message
+    assert isinstance(info.value, LoginRefused)
+    assert info.value.refusal.allowed_groups == ("ai-infn/users",)
 
 
 async def test_fresh_access_token_refreshes_and_saves(idp):

@@ -156,7 +156,17 @@ def test_user_in_no_allowed_group_is_refused(platform, page):
     login(page, platform, "mallory", "mallory-pass")
     page.wait_for_load_state()
     assert "/hub/oauth_callback" in page.url
-    assert page.locator("text=403").count() >= 1
+    # the hub's own page says why, once, which groups are allowed and whom to ask
+    page.wait_for_selector("#labfleet-refusal")
+    text = page.inner_text("body")
+    assert text.count("not in a group allowed on this platform") == 1, text
+    assert "Sorry, you are not currently authorized" not in text
+    assert page.inner_text("h1").strip() == "Not allowed on this platform"
+    assert page.inner_text("#labfleet-allowed-groups").split() == ["ai-infn/users"]
+    assert page.inner_text("#labfleet-user-groups").split() == ["other-org/users"]
+    contact = page.locator("#labfleet-refusal-contact a")
+    assert contact.get_attribute("href") == "mailto:labfleet-admins@example.org"
+    assert page.locator("link[href*='style.min.css']").count() == 1  # the hub's own look
     assert platform.hub_user("mallory") is None
     assert platform.running_servers("mallory") == 0
 

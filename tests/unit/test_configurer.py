@@ -94,6 +94,7 @@ def test_apply_config_sets_hub_traits(config_dir):
     assert c.IAMAuthenticator.issuer == "http://127.0.0.1:8900/"
     assert c.IAMAuthenticator.allowed_groups == {"users"}
     assert c.IAMAuthenticator.admin_groups == {"admins"}
+    assert c.IAMAuthenticator.refusal_contact == "labfleet-admins@example.org"
     assert c.IAMAuthenticator.oauth_callback_url == "http://127.0.0.1:8000/hub/oauth_callback"
     assert c.LocalGPUSpawner.catalogue_path == str(config_dir / "catalogue.yaml")
     assert "custom:labfleet:iam-token!user" in c.Spawner.server_token_scopes
