@@ -290,7 +290,8 @@ def series_svg(
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 14}" '
         f'role="img" aria-label="{metric} per period" data-metric="{metric}">',
-        f'<text class="unit" x="{pad_l - 6}" y="10" font-size="10" text-anchor="end">'
+        # the unit over the axis, from its left end: as wide as it needs
+        f'<text class="unit" x="{pad_l}" y="10" font-size="10" font-weight="bold">'
         f"{html.escape(unit)}</text>",
     ]
     for fraction in (0, 0.5, 1):

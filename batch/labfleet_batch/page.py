@@ -196,7 +196,8 @@ def jobs_table(records: Iterable[JobRecord], with_user: bool = False, prefix: st
     head = "<th>user</th>" if with_user else ""
     out = [
         '<div class="table-responsive"><table class="table table-sm table-hover align-middle">'
-        f"<thead><tr><th>job</th>{head}<th>group</th><th>state</th><th>reason</th>"
+        f'<thead><tr class="text-nowrap"><th>job</th>{head}<th>group</th><th>state</th>'
+        "<th>reason</th>"
         "<th>accelerator</th><th>queue position</th><th>created</th><th></th></tr></thead><tbody>"
     ]
     for r in rows:
@@ -209,12 +210,13 @@ def jobs_table(records: Iterable[JobRecord], with_user: bool = False, prefix: st
             f'<tr class="job state-{html.escape(r.state)}" data-id="{html.escape(r.id)}">'
             f'<td class="name"><a class="job-name fw-semibold" href="{href}">'
             f"{html.escape(r.display_name or r.name)}</a><br>"
-            f'<small class="job-id text-body-secondary">{html.escape(r.id)}</small></td>'
+            '<small class="job-id text-body-secondary text-nowrap">'
+            f"{html.escape(r.id)}</small></td>"
             f"{user}<td>{html.escape(r.group)}</td>"
             f'<td class="state">{state_badge(r.state)}</td>'
             f'<td class="reason small">{html.escape(reason(r))}</td><td>{acc}</td>'
             f'<td class="position">{html.escape(_position(r))}</td>'
-            f"<td>{_created(r.created)}</td>"
+            f'<td class="text-nowrap">{_created(r.created)}</td>'
             f'<td class="logs"><a href="{href}">{link}</a></td></tr>'
         )
     out.append("</tbody></table></div>")
@@ -347,7 +349,8 @@ def render_job_page(
         )
         log_html = (
             f'{note}<pre id="job-log" class="border rounded p-2 bg-body-tertiary" '
-            f'style="max-height:60vh;overflow:auto">{e(text) or "(empty)"}</pre>'
+            f'style="max-height:60vh;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere">'
+            f"{e(text) or '(empty)'}</pre>"
         )
     body = (
         f'<p><a href="{e(prefix) or "./"}">&larr; Batch queue</a></p>'

@@ -191,6 +191,45 @@ def page(browser):
     context.close()
 
 
+#: Where browser tests leave their screenshots (test artifacts, for a person to look at).
+SCREENSHOTS = "LABFLEET_SCREENSHOTS"
+
+
+def screenshot(page, name: str, full_page: bool = True) -> Path:
+    """Save ``page`` as ``<$LABFLEET_SCREENSHOTS or /tmp/labfleet-screenshots>/<name>.png``."""
+    folder = Path(os.environ.get(SCREENSHOTS) or "/tmp/labfleet-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def assert_hub_layout(page, username: str) -> None:
+    """The page is drawn like the hub's own: its navigation bar, stylesheet and dark mode."""
+    nav = page.locator("nav.navbar")
+    assert nav.count() == 1
+    for name in ("Home", "Token"):
+        assert nav.get_by_role("link", name=name, exact=True).count() == 1, name
+    services = nav.locator("a.dropdown-toggle", has_text="Services")  # role=button, as the hub
+    assert nav.locator("#logout").inner_text().strip() == "Logout"
+    assert nav.locator("#login_widget").inner_text().strip().startswith(username)
+    assert page.locator("#dark-theme-toggle").count() == 1
+    # the hub's Bootstrap stylesheet is loaded from the hub and applies
+    loaded = page.evaluate(
+        """() => [...document.styleSheets].some(s => s.href
+            && new URL(s.href).pathname.endsWith('/hub/static/css/style.min.css')
+            && s.cssRules.length > 100)"""
+    )
+    assert loaded, "the hub's stylesheet is not loaded"
+    assert page.evaluate("getComputedStyle(document.querySelector('nav.navbar')).display") == "flex"
+    # the hub's menu: the services, as in the hub's own navigation bar
+    services.click()
+    menu = nav.locator(".dropdown-menu.show a.dropdown-item")
+    menu.first.wait_for()
+    assert sorted(menu.all_inner_texts()) == ["accounting", "batch"]
+    services.click()  # closed again
+
+
 def login(page, platform: Platform, username: str, password: str) -> None:
     """Log in through the hub's IAM button and the identity provider's form."""
     page.goto(f"{platform.url}/hub/login")

@@ -13,7 +13,9 @@ import re
 import sqlite3
 import time
 
-from .conftest import login
+from labfleet_accounting.reports import format_hours, nice_ceiling, series_total
+
+from .conftest import assert_hub_layout, login, screenshot
 from .test_platform_login import start_server, stop_server, wait_for_lab
 
 SERVICE = "/services/accounting/"
@@ -84,16 +86,39 @@ def test_local_server_is_accounted_and_shown_to_the_right_people(platform, brows
     assert before <= row["start_s"] < row["end_s"] <= time.time() + 1
     assert row["end_s"] - row["start_s"] >= 2
 
-    # alice sees her own usage, with the charts
+    # alice sees her own usage, with the charts, in the hub's layout (the screenshot test)
+    alice.set_viewport_size({"width": 1280, "height": 900})
     open_usage_page(alice, platform)
+    screenshot(alice, "accounting-usage")
+    assert_hub_layout(alice, "alice")
     assert "Your own usage." in alice.inner_text("body")
     assert alice.locator("#totals td", has_text=re.compile(r"^alice$")).count() == 1
-    assert alice.locator("svg").count() == 2
-    bars = alice.locator("svg").nth(1).locator("rect.interactive")
+    # a CPU session: no GPU chart (it was an empty one on a 0..1 axis), the CPU chart
+    gpu = alice.locator('section[data-metric="gpu_hours"]')
+    assert gpu.locator("svg").count() == 0 and "No GPU use in " in gpu.inner_text()
+    cpu = alice.locator('section[data-metric="cpu_core_hours"] svg')
+    assert cpu.count() == 1
+    bars = cpu.locator("rect.interactive")
     heights = [float(bars.nth(i).get_attribute("height")) for i in range(bars.count())]
     assert max(heights) > 0, "today's CPU bar is empty"
+    # the axis and the table write hours alike: the table's unit, round ticks, 3 digits
     status, body = json_in_page(alice, platform, "api/usage")
     assert status == 200 and body["usage"]["alice"]["interactive"]["intervals"] >= 1
+    used = body["usage"]["alice"]["interactive"]["cpu_core_hours"]
+    _, series = json_in_page(alice, platform, "api/usage/series")
+    top = nice_ceiling(max(series_total([p], "cpu_core_hours") for p in series["series"]))
+    open_usage_page(alice, platform)
+    headers = alice.locator("#totals th.num").all_inner_texts()
+    cells = alice.locator("#totals tbody tr").first.locator("td.num").all_inner_texts()
+    assert cells[headers.index("CPU core-h")] == format_hours(used) != "0.00"
+    assert cpu.locator("text.unit").text_content() == "CPU core-h"
+    ticks = cpu.locator("text.tick").all_text_contents()
+    assert ticks == [format_hours(0), format_hours(top / 2), format_hours(top)]
+    # the hub's dark mode: the charts' text follows it
+    alice.click("#dark-theme-toggle")
+    assert alice.get_attribute("html", "data-bs-theme") == "dark"
+    screenshot(alice, "accounting-usage-dark")
+    alice.click("#dark-theme-toggle")
 
     # bob does not see alice's rows, and is refused when he asks for them
     bob_context = browser.new_context()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import login
+from .conftest import assert_hub_layout, login, screenshot
 from .test_platform_login import api_token, http, start_server, stop_server, wait_for_lab
 
 CLI = str(Path(sys.executable).parent / "labfleet-batch")
@@ -155,6 +155,7 @@ def test_notebook_token_and_url_reach_the_service(platform, page):
 
 
 def test_queue_page_draws_the_queue_through_the_hub_login(platform, tokens, browser):
+    """The batch page's screenshot test: the hub's layout, the queue, a failed job's log."""
     alice, bob = tokens["alice"], tokens["bob"]
     started = []
 
@@ -164,6 +165,12 @@ def test_queue_page_draws_the_queue_through_the_hub_login(platform, tokens, brow
         started.append(done.stdout.strip())
         return started[-1]
 
+    # unnamed, and failing at once: it is named after its script, and says why it failed
+    failed = cli(platform, alice, "submit", "--group", "ml", "--", "python3", "missing_train.py")
+    assert failed.returncode == 0, failed.stderr
+    failed = failed.stdout.strip()
+    assert re.fullmatch(r"ml/missing-train-[a-z0-9]{8}", failed), failed
+    assert cli(platform, alice, "wait", failed).returncode == 1
     try:
         # two medium pods hold all of ml's 8 CPU (config/labfleet.yaml), so the next one waits
         holder = submit(
@@ -177,14 +184,39 @@ def test_queue_page_draws_the_queue_through_the_hub_login(platform, tokens, brow
         views = {}
         for name in ("alice", "bob"):
             with signed_in(browser, platform, name) as page:
+                page.set_viewport_size({"width": 1280, "height": 900})
                 # no token in the URL: the hub's OAuth signs the browser in to the service
                 page.goto(batch_url(platform))
                 page.wait_for_selector("h1:has-text('Batch queue')")
                 assert page.url.rstrip("/") == batch_url(platform).rstrip("/"), page.url
                 views[name] = page.content()
+                if name == "alice":
+                    screenshot(page, "batch-queue")
+                assert_hub_layout(page, name)
+                if name != "alice":
+                    continue
+                # the failed job links to its page: why, and the log that says so
+                row = page.locator(f'tr[data-id="{failed}"]')
+                assert row.locator("a.job-name").inner_text() == "missing-train"
+                assert "exit code 2" in row.locator("td.reason").inner_text()
+                row.get_by_role("link", name="logs").click()
+                page.wait_for_selector("#job-log")
+                assert "can't open file" in page.inner_text("#job-log")
+                assert "missing_train.py" in page.inner_text("#job-log")
+                screenshot(page, "batch-job-failed")
+                assert_hub_layout(page, name)
+                # the hub's dark mode works here too, and is the hub's (one stored theme)
+                page.click("#dark-theme-toggle")
+                assert page.get_attribute("html", "data-bs-theme") == "dark"
+                page.goto(batch_url(platform))
+                page.wait_for_selector("h1:has-text('Batch queue')")
+                assert page.get_attribute("html", "data-bs-theme") == "dark"
+                screenshot(page, "batch-queue-dark")
+                page.goto(f"{platform.url}/hub/home")
+                assert page.get_attribute("html", "data-bs-theme") == "dark"
 
         mine = views["alice"]
-        assert re.search(rf'data-id="{holder}">.*?<td class="state">running</td>', mine)
+        assert re.search(rf'data-id="{holder}">.*?<td class="state"><span [^>]*>running<', mine)
         assert re.search(rf'data-id="{behind}">.*?<td class="position">1 of 1</td>', mine)
         group = mine.split('data-group="ml"', 1)[1]
         assert "1 running, 1 waiting" in group
@@ -193,7 +225,10 @@ def test_queue_page_draws_the_queue_through_the_hub_login(platform, tokens, brow
 
         theirs = views["bob"]
         assert 'data-group="cms"' in theirs and 'data-group="ml"' not in theirs
-        assert holder not in theirs and behind not in theirs
+        assert holder not in theirs and behind not in theirs and failed not in theirs
+        # single node: the use is known, and nothing of cms runs
+        cms = theirs.split('data-group="cms"', 1)[1]
+        assert "<title>CPU: 0 / 4</title>" in cms and "<title>memory: 0 / 16 GiB</title>" in cms
     finally:
         for job_id in reversed(started):
             cli(platform, alice, "cancel", job_id)
