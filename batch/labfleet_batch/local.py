@@ -28,7 +28,14 @@
   against the current configuration (:mod:`.local_restore`; failed with a
   message when that refuses it, or for rows without a request). Then the
   batch claims in the shared registry that no restored job holds are dropped,
-  and only then may waiting jobs start.
+  and only then may waiting jobs start. That half lives in
+  :class:`.local_restore.RestoreMixin`.
+- **Accounting**: with a :class:`.local_accounting.JobAccounting` (the spool
+  the accounting service ingests, as the local spawner's), every job that
+  started is one ``batch`` usage interval, from its admission to its end,
+  whatever the end; exactly once across restarts (:mod:`.local_accounting`).
+- **Submission**: a job joins the queue only once its folder, script, files
+  and logs folder exist, so no scheduling pass can start it earlier.
 """
 
 from __future__ import annotations
@@ -40,12 +47,11 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from labfleet_hub.posix_ids import HubIds
 from labfleet_spawner import accounts
-from labfleet_spawner.catalogue import Catalogue, parse_quantity
+from labfleet_spawner.catalogue import parse_quantity
 from labfleet_spawner.devices import (
     DeviceAllocator,
     DeviceClaimsError,
@@ -66,7 +72,9 @@ from labfleet_spawner.storage import (
 )
 
 from . import jobs as jobbuilder
-from .local_restore import requeue, stored_request
+from .local_accounting import SENT_STOP, JobAccounting, ended_at, job_usage
+from .local_job import LocalJob as _Job
+from .local_restore import RestoreMixin, stored_request
 from .model import (
     CANCELLED,
     FAILED,
@@ -78,8 +86,8 @@ from .model import (
     LogsUnavailable,
 )
 from .queues import QueueConfig
-from .store import JobStore, alive, process_start_time
-from .validation import BatchRequest, Limits
+from .store import JobStore, process_start_time
+from .validation import BatchRequest
 
 log = logging.getLogger(__name__)
 
@@ -105,41 +113,11 @@ def nonzero_exit_message(codes: dict[int, int]) -> str:
     return f"{word} {', '.join(parts)}{more} exited non-zero; see the logs"
 
 
-@dataclass
-class _Job:
-    record: JobRecord
-    request: BatchRequest | None  # None: restored after it had started (or without a request)
-    layout: StorageLayout | None = None  # None: restored while waiting; looked up when it starts
-    isolate: bool = False
-    submitted: float = 0.0
-    devices: list = field(default_factory=list)
-    procs: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
-    task: asyncio.Task | None = None
-    cancelled: bool = False
-    # index -> [pid, start time]: what a restarted service checks
-    pids: dict[int, list[int]] = field(default_factory=dict)
-    stored_demand: dict[str, float] | None = None
-    deadline: float = 0.0  # epoch seconds; 0: none
-
-    @property
-    def owner(self) -> str:
-        return f"batch:{self.record.group}/{self.record.name}"
-
-    def demand(self) -> dict[str, float]:
-        if self.request is None:
-            return dict(self.stored_demand or {})
-        sel, par = self.request.selection, self.request.parallelism
-        need = {"cpu": sel.size.cpu * par, "memory": sel.size.memory_bytes * par, "jobs": 1}
-        if sel.accelerator is not None:
-            need[f"acc:{sel.accelerator.name}"] = sel.count * par
-        return need
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class LocalBackend:
+class LocalBackend(RestoreMixin):
     """Runs jobs on this machine; see the module docstring."""
 
     def __init__(
@@ -158,8 +136,13 @@ class LocalBackend:
         device_claims_path: str = "",
         accounts_dir: str = "",
         nss_wrapper_library: str | None = None,
+        accounting: JobAccounting | None = None,
     ):
         self.config = config
+        # None: jobs are not reported to accounting
+        self.accounting = accounting
+        # ended jobs whose STOP has not reached the spool yet (marked once it has)
+        self._owed: dict[tuple[str, str], _Job] = {}
         self.storage_root = storage_root
         self.allocator = allocator or DeviceAllocator()
         if device_claims_path:
@@ -310,112 +293,26 @@ class LocalBackend:
             "submitted": job.submitted,
             "deadline": job.deadline,
         }
+        if job.usage is not None:
+            extra["usage"] = job.usage
+            extra["usage_end"] = job.usage_end
+            extra["usage_sent"] = job.usage_sent
         if job.request is not None and job.record.state == QUEUED:
             # Only while it waits: once started its script and files are in its folder and a
             # restart follows its processes; its env values are not kept longer than needed.
             extra["request"] = stored_request(job.request)
         self.store.save(job.record, extra)
 
-    async def restore(
-        self, catalogue: Catalogue | None = None, limits: Limits | None = None
-    ) -> int:
-        """Reload the stored jobs and reconcile those that were not finished; returns how many.
-
-        Waiting jobs are queued again once their stored requests pass the
-        checks of a new submission against ``catalogue``, this backend's queue
-        configuration and ``limits`` (the service's). Then drop the batch
-        claims no restored job holds (a shared registry keeps those of an
-        earlier service process; the hub's stay) and start what fits.
-        """
-        loaded = await asyncio.to_thread(self.store.load) if self.store is not None else []
-        self._restoring = True
-        try:
-            requeued = self._restore_records(loaded, catalogue, limits)
-        finally:
-            self._restoring = False
-        if loaded:
-            log.info(
-                "Restored %d batch job record(s), %d of them waiting again", len(loaded), requeued
-            )
-        self._reconcile_claims()
-        self._schedule()
-        return len(loaded)
-
-    def _restore_records(self, loaded, catalogue: Catalogue | None, limits: Limits | None) -> int:
-        requeued = 0
-        for record, extra in loaded:
-            job = _Job(
-                record,
-                None,
-                submitted=extra.get("submitted", 0),
-                pids={int(i): p for i, p in (extra.get("pids") or {}).items()},
-                stored_demand=extra.get("demand") or {},
-                deadline=extra.get("deadline", 0),
-            )
-            self._seq = max(self._seq, job.submitted)
-            self._jobs[(record.group, record.name)] = job
-            if record.state == QUEUED:
-                job.request, why = requeue(
-                    extra.get("request"),
-                    catalogue=catalogue,
-                    config=self.config,
-                    limits=limits,
-                    group=record.group,
-                )
-                if job.request is None:
-                    if extra.get("request"):  # names what is gone; never values
-                        log.warning("Not queueing %s again: %s", record.id, why)
-                    self._finish(job, FAILED, why)
-                else:
-                    job.isolate = self.isolate
-                    requeued += 1
-            elif record.state == RUNNING:
-                uuids = extra.get("devices", [])
-                try:
-                    job.devices, problems = self.allocator.restore(job.owner, uuids)
-                except DeviceClaimsError as e:
-                    # Keep the record, so that a restart after the repair claims them again.
-                    job.devices, problems = self.allocator.known_devices(uuids), [str(e)]
-                for problem in problems:
-                    log.warning("Restoring %s: %s", record.id, problem)
-                job.record.active = sum(1 for p in job.pids.values() if alive(*p))
-                if job.record.active:
-                    job.task = asyncio.get_running_loop().create_task(self._watch_restored(job))
-                else:
-                    self._conclude_restored(job)
-        return requeued
-
-    def _reconcile_claims(self) -> None:
-        try:
-            stale = self.allocator.reconcile()
-        except DeviceClaimsError as e:
-            log.error("Cannot reconcile device claims: %s", e)
-            return
-        for uuid, owner in stale:
-            log.warning(
-                "Dropped stale device claim: %s was held by %s, which the batch service "
-                "no longer runs",
-                uuid,
-                owner,
-            )
-
-    async def _watch_restored(self, job: _Job) -> None:
-        """Poll the processes a previous service started until they end (or the deadline)."""
-        while True:
-            running = [p for p in job.pids.values() if alive(*p)]
-            job.record.active = len(running)
-            if not running:
-                break
-            if job.deadline and time.time() > job.deadline:
-                await self._kill_restored(job)
-                self._finish(job, FAILED, "exceeded max_run_time (after a service restart)")
-                return
-            await asyncio.sleep(self.poll_interval)
-        if not job.cancelled:
-            self._conclude_restored(job)
-
     def _conclude_restored(self, job: _Job) -> None:
         """Finish a restored job from the exit status files of its completions."""
+        if job.usage is not None and job.usage_end is None and self.accounting is not None:
+            # it ended unwatched: at its last exit status, not now
+            job.usage_end = ended_at(
+                job.record.workdir,
+                job.record.completions,
+                job.usage["start"],
+                self.accounting.now(),
+            )
         logs = Path(job.record.workdir) / "logs"
         codes: dict[int, int | None] = {}
         for index in range(job.record.completions):
@@ -439,21 +336,6 @@ class LocalBackend:
                 "ended while the batch service was down)"
             )
         self._finish(job, FAILED, "; ".join(why))
-
-    async def _kill_restored(self, job: _Job) -> None:
-        live = [pid for pid, start in job.pids.values() if alive(pid, start)]
-        for pid in live:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.kill_grace
-        while time.monotonic() < deadline and any(alive(*p) for p in job.pids.values()):
-            await asyncio.sleep(0.1)
-        for pid, start in job.pids.values():
-            if alive(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-        if job.task is not None and job.task is not asyncio.current_task():
-            job.task.cancel()
 
     # -- queueing ------------------------------------------------------------------------
 
@@ -538,7 +420,11 @@ class LocalBackend:
             job.record.state = RUNNING
             job.record.queue = {"admitted": True, "position": 0, "reason": "", "message": ""}
             job.deadline = time.time() + job.request.max_run_time
-            self._save(job)
+            if self.accounting is not None:
+                job.usage = job_usage(job.record, job.request, self.accounting.now())
+            self._save(job)  # the usage's start is stored before it is announced
+            if job.usage is not None:
+                self._send_usage([self.accounting.start_event(job.usage)])
             job.task = asyncio.get_running_loop().create_task(self._run(job))
 
     # -- running ------------------------------------------------------------------------
@@ -703,6 +589,23 @@ class LocalBackend:
         if job.task is not None and job.task is not asyncio.current_task():
             job.task.cancel()
 
+    def _send_usage(self, events: list, ending: _Job | None = None) -> None:
+        """Append accounting events; once they are in, no owed STOP is owed any more.
+
+        ``ending``: the job whose STOP is among ``events`` (its caller saves it).
+        Other jobs whose STOP failed earlier went out with these (JobAccounting
+        retries them): their rows are saved as sent.
+        """
+        if ending is not None:
+            self._owed[(ending.record.group, ending.record.name)] = ending
+        if not self.accounting.send(events):
+            return
+        for job in self._owed.values():
+            job.usage_sent = SENT_STOP
+            if job is not ending:
+                self._save(job)
+        self._owed.clear()
+
     def _finish(self, job: _Job, state: str, message: str) -> None:
         if job.record.state in FINAL_STATES:
             return
@@ -710,6 +613,11 @@ class LocalBackend:
         job.record.message = message
         job.record.queue = {"finished": True}
         job.pids = {}
+        if job.usage is not None and self.accounting is not None:
+            if job.usage_end is None:
+                job.usage_end = self.accounting.now()
+            self._send_usage([self.accounting.stop_event(job.usage, job.usage_end)], job)
+        # with its end and whether the STOP reached the spool: a restart sends what is owed
         self._save(job)
         try:
             released = self.allocator.release(job.owner)

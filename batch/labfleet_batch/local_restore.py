@@ -1,4 +1,11 @@
-"""What the local backend keeps of a waiting job so that a restarted service can queue it again.
+"""Restarts of the local backend: reloading its jobs, and queueing waiting jobs again.
+
+:class:`RestoreMixin` (part of :class:`~.local.LocalBackend`) reloads the store's
+rows: running jobs are followed again (or concluded from their exit status files
+by ``LocalBackend._conclude_restored``), waiting ones queued again, what is owed
+to accounting sent again (:mod:`.local_accounting`), stale device claims dropped.
+
+What the backend keeps of a waiting job so that a restarted service can queue it again:
 
 A job that waits for quota or a device has nothing on disk but its folder;
 without its request a restart would have to fail it. So while it waits, its
@@ -27,12 +34,26 @@ while the job waits (dropped from the row when it starts), in the store's
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
 from typing import Any
 
 from labfleet_spawner.catalogue import Catalogue
+from labfleet_spawner.devices import DeviceClaimsError
 
+from .local_accounting import SENT_STOP
+from .local_job import LocalJob
+from .model import FAILED, FINAL_STATES, QUEUED, RUNNING
 from .queues import QueueConfig
+from .store import alive
 from .validation import BatchRequest, Limits, RequestError, request_fields, validate_request
+
+# the backend's logger: restart messages read as they did when this lived in local.py
+log = logging.getLogger("labfleet_batch.local")
 
 #: The message of a waiting job whose row has no request (written before requests were
 #: stored, or by a service without a catalogue to check them against).
@@ -85,3 +106,142 @@ def requeue(
     if request.group != group:  # a row edited by hand: never move a job to another group
         return None, f"{NOT_STORED} (its stored request is for another group)"
     return request, ""
+
+
+class RestoreMixin:
+    """The restart half of :class:`~.local.LocalBackend` (its attributes and methods)."""
+
+    async def restore(
+        self, catalogue: Catalogue | None = None, limits: Limits | None = None
+    ) -> int:
+        """Reload the stored jobs and reconcile those that were not finished; returns how many.
+
+        Waiting jobs are queued again once their stored requests pass the
+        checks of a new submission against ``catalogue``, this backend's queue
+        configuration and ``limits`` (the service's). Then drop the batch
+        claims no restored job holds (a shared registry keeps those of an
+        earlier service process; the hub's stay) and start what fits.
+        """
+        loaded = await asyncio.to_thread(self.store.load) if self.store is not None else []
+        self._restoring = True
+        try:
+            requeued = self._restore_records(loaded, catalogue, limits)
+        finally:
+            self._restoring = False
+        if loaded:
+            log.info(
+                "Restored %d batch job record(s), %d of them waiting again", len(loaded), requeued
+            )
+        self._resend_usage()
+        self._reconcile_claims()
+        self._schedule()
+        return len(loaded)
+
+    def _restore_records(self, loaded, catalogue: Catalogue | None, limits: Limits | None) -> int:
+        requeued = 0
+        for record, extra in loaded:
+            job = LocalJob(
+                record,
+                None,
+                submitted=extra.get("submitted", 0),
+                pids={int(i): p for i, p in (extra.get("pids") or {}).items()},
+                stored_demand=extra.get("demand") or {},
+                deadline=extra.get("deadline", 0),
+                usage=extra.get("usage"),
+                usage_end=extra.get("usage_end"),
+                usage_sent=extra.get("usage_sent", ""),
+            )
+            self._seq = max(self._seq, job.submitted)
+            self._jobs[(record.group, record.name)] = job
+            if record.state == QUEUED:
+                job.request, why = requeue(
+                    extra.get("request"),
+                    catalogue=catalogue,
+                    config=self.config,
+                    limits=limits,
+                    group=record.group,
+                )
+                if job.request is None:
+                    if extra.get("request"):  # names what is gone; never values
+                        log.warning("Not queueing %s again: %s", record.id, why)
+                    self._finish(job, FAILED, why)
+                else:
+                    job.isolate = self.isolate
+                    requeued += 1
+            elif record.state == RUNNING:
+                uuids = extra.get("devices", [])
+                try:
+                    job.devices, problems = self.allocator.restore(job.owner, uuids)
+                except DeviceClaimsError as e:
+                    # Keep the record, so that a restart after the repair claims them again.
+                    job.devices, problems = self.allocator.known_devices(uuids), [str(e)]
+                for problem in problems:
+                    log.warning("Restoring %s: %s", record.id, problem)
+                job.record.active = sum(1 for p in job.pids.values() if alive(*p))
+                if job.record.active:
+                    job.task = asyncio.get_running_loop().create_task(self._watch_restored(job))
+                else:
+                    self._conclude_restored(job)
+        return requeued
+
+    def _resend_usage(self) -> None:
+        """START of each restored running job, STOP of each ended job whose STOP is owed."""
+        if self.accounting is None:
+            return
+        events = []
+        for job in self._jobs.values():
+            if job.usage is None:
+                continue
+            if job.record.state == RUNNING:
+                events.append(self.accounting.start_event(job.usage))
+            elif job.record.state in FINAL_STATES and job.usage_sent != SENT_STOP:
+                end = job.usage_end if job.usage_end is not None else self.accounting.now()
+                job.usage_end = end
+                events.append(self.accounting.stop_event(job.usage, end))
+                self._owed[(job.record.group, job.record.name)] = job
+        if events:
+            self._send_usage(events)  # marks and saves the owed ones once they are in
+
+    def _reconcile_claims(self) -> None:
+        try:
+            stale = self.allocator.reconcile()
+        except DeviceClaimsError as e:
+            log.error("Cannot reconcile device claims: %s", e)
+            return
+        for uuid, owner in stale:
+            log.warning(
+                "Dropped stale device claim: %s was held by %s, which the batch service "
+                "no longer runs",
+                uuid,
+                owner,
+            )
+
+    async def _watch_restored(self, job: LocalJob) -> None:
+        """Poll the processes a previous service started until they end (or the deadline)."""
+        while True:
+            running = [p for p in job.pids.values() if alive(*p)]
+            job.record.active = len(running)
+            if not running:
+                break
+            if job.deadline and time.time() > job.deadline:
+                await self._kill_restored(job)
+                self._finish(job, FAILED, "exceeded max_run_time (after a service restart)")
+                return
+            await asyncio.sleep(self.poll_interval)
+        if not job.cancelled:
+            self._conclude_restored(job)
+
+    async def _kill_restored(self, job: LocalJob) -> None:
+        live = [pid for pid, start in job.pids.values() if alive(pid, start)]
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.kill_grace
+        while time.monotonic() < deadline and any(alive(*p) for p in job.pids.values()):
+            await asyncio.sleep(0.1)
+        for pid, start in job.pids.values():
+            if alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        if job.task is not None and job.task is not asyncio.current_task():
+            job.task.cancel()

@@ -412,6 +412,14 @@ class BatchService(Application):
         claims on this machine's accelerators (the hub's LocalGPUSpawner.device_claims_path),
         so that a job and a notebook never get the same device. Empty: claims in memory only.""",
     )
+    accounting_spool = Unicode(
+        "",
+        config=True,
+        help="""Local backend: the accounting spool (the hub's accounting.spool, which the
+        local spawner's SpoolHook writes and the accounting service ingests). Every job that
+        started is recorded there as batch usage, exactly once (labfleet_batch.local_accounting).
+        Empty: local jobs are not accounted.""",
+    )
     accounts_dir = Unicode(
         "",
         config=True,
@@ -553,6 +561,7 @@ class BatchService(Application):
         from labfleet_spawner.nvml import discover
 
         from .local import LocalBackend
+        from .local_accounting import JobAccounting
         from .store import JobStore
 
         allocator = DeviceAllocator.from_discovery(
@@ -568,8 +577,10 @@ class BatchService(Application):
             store=JobStore(self.state_dir) if self.state_dir else None,
             device_claims_path=self.device_claims_path,
             accounts_dir=self.accounts_dir,
+            accounting=JobAccounting(self.accounting_spool) if self.accounting_spool else None,
         )
-        # waiting jobs are checked again as new submissions would be
+        # waiting jobs are checked again as new submissions would be; what accounting is
+        # owed (starts of running jobs, stops that did not reach the spool) is sent again
         await backend.restore(catalogue, Limits(**self.limits))
         return backend
 

@@ -488,6 +488,10 @@ def batch_command(values: dict) -> list[str]:
         # the hub's user and group ids give jobs the notebooks' uids (when root)
         if spawner["isolate_users"] != "no":
             command.append("--BatchService.job_ids_from_hub=True")
+        # jobs' usage into the spool the accounting service ingests, as the notebooks'
+        # (on Kubernetes the accounting service sees the Jobs' pods itself)
+        if values["accounting"]["enabled"]:
+            command.append(f"--BatchService.accounting_spool={values['accounting']['spool']}")
     else:
         # Jobs run as their owner's notebook: same ids (read from the hub), same volume
         kube = spawner.get("kubernetes", {})

@@ -193,3 +193,32 @@ def test_kubernetes_jobs_run_as_the_notebook(config_dir):
     assert not any("posix-ids" in s for s in user_role["scopes"])
     assert not any("posix-ids" in s for s in c.Spawner.server_token_scopes)
     assert "custom:labfleet:posix-ids" in c.JupyterHub.custom_scopes
+
+
+def test_local_jobs_are_accounted_through_the_notebooks_spool(config_dir):
+    """Single node: batch jobs go into the spool the accounting service ingests (issue 9)."""
+    from labfleet_accounting.app import AccountingApp
+    from labfleet_hub.configurer import accounting_command
+
+    values = values_for(config_dir)
+    spool = values["accounting"]["spool"]
+    assert spool == str(config_dir / "state" / "accounting.spool")
+    batch = BatchService()
+    batch.parse_command_line(batch_command(values)[3:])
+    accounting = AccountingApp()
+    accounting.parse_command_line(accounting_command(values)[4:])
+    c = Config()
+    apply_config(values, c)
+    # one file: written by the hub's spawner hook and the batch service, read by accounting
+    assert batch.accounting_spool == accounting.spool_path == spool
+    assert c.LocalGPUSpawner.accounting_hook.path == spool
+    # without accounting there is nobody to read it
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    data["accounting"]["enabled"] = False
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    assert not any("accounting_spool" in arg for arg in batch_command(values_for(config_dir)))
+    # on Kubernetes the accounting service sees the Jobs' pods itself
+    data["accounting"]["enabled"] = True
+    data["spawner"]["kind"] = "kubernetes"
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    assert not any("accounting_spool" in arg for arg in batch_command(values_for(config_dir)))
