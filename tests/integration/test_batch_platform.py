@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,35 @@ def test_job_from_the_cli_runs_as_the_user_and_stays_private(platform, tokens):
     assert refused.returncode == 2 and "ml" in refused.stderr
     # no token, no service
     assert http("GET", url + "api/jobs")[0] == 401
+
+
+def test_batch_use_reaches_the_accounting_ledger_and_report(platform, tokens):
+    """`labfleet up` connects the local batch service to accounting (issue 9, item 4)."""
+    from .test_accounting_platform import ledger_rows
+
+    alice = tokens["alice"]
+    submitted = cli(platform, alice, "submit", "--group", "ml", "--name", "charged",
+                    "--", "sleep", "2")  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert cli(platform, alice, "wait", job_id).returncode == 0
+    deadline = time.monotonic() + 30
+    rows = []
+    while time.monotonic() < deadline:  # the accounting service ingests every 0.5 s
+        rows = [r for r in ledger_rows(platform, "alice") if r["uid"] == job_id]
+        if rows and rows[0]["end_s"] is not None:
+            break
+        time.sleep(0.3)
+    [row] = rows
+    assert (row["source"], row["kind"], row["group_name"], row["name"]) == (
+        "local-batch", "batch", "ml", job_id.split("/")[1],
+    )  # fmt: skip
+    assert row["end_s"] is not None and 2 <= row["end_s"] - row["start_s"] <= 6, row
+    # the usage API counts it as alice's batch use
+    status, body = http("GET", f"{platform.url}/services/accounting/api/usage", alice)
+    assert status == 200, body
+    batch = json.loads(body)["usage"]["alice"]["batch"]
+    assert batch["intervals"] >= 1 and batch["cpu_core_hours"] > 0, batch
 
 
 def test_notebook_token_and_url_reach_the_service(platform, page):
