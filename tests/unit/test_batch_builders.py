@@ -395,3 +395,18 @@ def test_policy():
     assert not policy.can_access(eve, "bob", "cms")
     assert policy.can_access(root, "bob", "cms")
     assert not Policy(hub_admins_see_all=False).can_access(root, "bob", "cms")
+
+
+def test_kubernetes_job_runs_with_the_submitting_notebooks_software(catalogue, qconfig):
+    """What the client sends (labfleet_batch.client.software_env) reaches the container."""
+    from labfleet_batch.client import software_env
+
+    env = software_env(
+        {"PATH": "/usr/bin", "VIRTUAL_ENV": "/home/alice/venv"},
+        executable="/home/alice/venv/bin/python",
+    )
+    _, job = make(catalogue, qconfig, {"command": ["python", "-c", "print(42)"], "env": env})
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    got = {e["name"]: e["value"] for e in container["env"]}
+    assert got["PATH"] == "/home/alice/venv/bin:/usr/bin"
+    assert got["VIRTUAL_ENV"] == "/home/alice/venv"
