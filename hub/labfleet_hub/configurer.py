@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
         "isolate_users": "auto",
         "namespace": "labfleet",
         "unavailable_profiles": "collapse",
+        "jupyter_news": "never",
     },
     "devidp": {"enabled": False, "port": 8900, "accounts": "accounts.yaml"},
     "proxy": {"api_port": 8001, "command": []},
@@ -318,6 +319,8 @@ def apply_config(values: dict, c) -> None:
         # the single-user server of this very environment, found without PATH
         s.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         s.default_url = "/lab"
+        # written into that environment's JupyterLab settings (images: at build time)
+        s.jupyter_news = spawner["jupyter_news"]
     else:
         s.namespace = spawner["namespace"]
         kube = spawner.get("kubernetes", {})

@@ -52,6 +52,7 @@ from .devices import (
     NoFreeDevice,
     cuda_visible_devices,
 )
+from .lab_settings import LabSettingsMixin
 from .nvml import discover
 from .storage import (
     DEFAULT_GID_BASE,
@@ -130,7 +131,7 @@ def _chdir_only(home: str | None):
     return preexec
 
 
-class LocalGPUSpawner(CatalogueSpawnerMixin, LocalProcessSpawner):
+class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawner):
     """Single-node spawner: catalogue profiles, exclusive local GPUs, mapped uids."""
 
     # One allocator and one isolation probe per hub process, shared by every

@@ -38,8 +38,27 @@ def start_server(page, platform, profile="cpu", **fields):
     page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
 
 
+NEWS_QUESTION = "Would you like to get notified about official Jupyter news?"
+
+
+def assert_no_news_popup(page, platform, username):
+    """The platform decided about Jupyter news (spawner.jupyter_news: never): nobody is asked."""
+    plugin = "@jupyterlab/apputils-extension:notification"
+    url = f"{platform.url}/user/{username}/lab/api/settings/{plugin}"
+    setting = page.request.get(url)
+    assert setting.ok, setting.text()
+    defaults = {k: v["default"] for k, v in setting.json()["schema"]["properties"].items()}
+    assert defaults["fetchNews"] == "false" and defaults["checkForUpdates"] is False
+    # JupyterLab asks (a toast) once restored and its settings are loaded; give it time
+    page.wait_for_selector(".jp-LabShell", timeout=60_000)
+    page.wait_for_timeout(4000)
+    assert page.get_by_text(NEWS_QUESTION).count() == 0
+
+
 def stop_server(platform, page, username):
     page.goto(f"{platform.url}/hub/home")
+    # the Stop button works once the page's script has wired it (a click before is lost)
+    page.wait_for_function("window._jupyterhub_page_loaded === true")
     stop = page.locator("#stop")
     if stop.count():
         stop.click()
@@ -95,6 +114,7 @@ def test_allowed_user_reaches_jupyterlab(platform, page):
     start_server(page, platform, "cpu", image="scipy", size="small")
     wait_for_lab(page)
     assert platform.running_servers("alice") == 1
+    assert_no_news_popup(page, platform, "alice")
     assert platform.hub_groups("alice") == {"users", "ml"}
     assert platform.hub_user("alice") == ("alice", 0)
 

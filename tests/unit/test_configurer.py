@@ -43,6 +43,7 @@ def test_bundled_config_is_valid_and_paths_resolved(config_dir):
             lambda d: d["spawner"].update(unavailable_profiles="grey"),
             "field spawner.unavailable_profiles:",
         ),
+        (lambda d: d["spawner"].update(jupyter_news="yes"), "field spawner.jupyter_news:"),
         (lambda d: d.update(colour="red"), "field (top level): Additional properties"),
         (lambda d: d.pop("iam"), "'iam' is a required property"),
     ],
@@ -107,6 +108,7 @@ def test_spawn_form_settings_reach_both_spawners(config_dir):
     c = Config()
     apply_config({**parse_values(data, "x.yaml", config_dir), "secrets": secrets}, c)
     assert c.LocalGPUSpawner.unavailable_profiles == "collapse"
+    assert c.LocalGPUSpawner.jupyter_news == "never"
     data["spawner"].update(kind="kubernetes", unavailable_profiles="hide")
     c = Config()
     apply_config({**parse_values(data, "x.yaml", config_dir), "secrets": secrets}, c)
