@@ -98,6 +98,14 @@ class AccountingApp(Application):
     budget_limits_cpu = Bool(
         False, config=True, help="Also refuse CPU-only sessions of a group over its GPU budget."
     )
+    recent_limit = Integer(
+        50,
+        min=0,
+        config=True,
+        help="""How many sessions and jobs the usage page's "Recent sessions and jobs"
+        table (and api/usage/recent) lists at most: the latest the viewer may see in the
+        period, newest first. 0 hides them.""",
+    )
     hub_services = List(
         Unicode(),
         config=True,
@@ -185,6 +193,7 @@ class ServeApp(AccountingApp):
             engine, weights, self.admin_group_pattern, dict(self.group_admins),
             BudgetChecker(engine, weights, self.budget_limits_cpu), registry, quotas=quotas,
             nav=HubNav.from_hub_auth(hub_auth, [s for s in services if s]),
+            recent_limit=self.recent_limit,
         )  # fmt: skip
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
         port = self.port or _service_port() or 10101

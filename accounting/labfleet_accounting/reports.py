@@ -7,6 +7,10 @@ those sums into GPU-hours per model (MIG slices weighted by their fraction
 of a GPU, configurable), FPGA-hours, CPU-core-hours and memory-GB-hours,
 interactive and batch apart. :func:`to_csv` and :func:`series_svg` render;
 :func:`format_hours` is how every page writes hours.
+
+:func:`query_recent` lists single intervals (the usage page's "Recent sessions
+and jobs"), newest first, through the same :class:`Filter`;
+:func:`describe_interval` (pure) says what each one was and what it used.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import csv
 import html
 import io
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from labfleet_hub.contract import KIND_BATCH
 from sqlalchemy import Engine, case, func, literal, select
 
+from .kube import SOURCE as KUBE_SOURCE
 from .models import UsageInterval
+from .spool import SOURCE as LOCAL_SOURCE
 
 GB = 10**9  # memory-GB-hours use decimal gigabytes, like cloud billing
 
@@ -235,6 +243,105 @@ def query_series(
             )
         series.append(point)
     return series
+
+
+#: What :func:`query_recent` reads of an interval (and :func:`describe_interval` uses).
+RECENT_COLUMNS = (
+    "source", "uid", "kind", "user_name", "group_name", "profile", "accelerator",
+    "accelerator_kind", "accelerator_count", "gpu_fraction", "cpu", "memory",
+    "namespace", "name", "start_s", "end_s",
+)  # fmt: skip
+
+
+def query_recent(
+    engine: Engine, start: int, end: int, flt: Filter = Filter(), now: int = 0, limit: int = 50
+) -> list[dict]:
+    """The ``limit`` intervals overlapping [start, end) that ``flt`` lets through, newest first.
+
+    Newest = latest start (the ledger's id breaks ties); ``flt`` is the report's
+    (:func:`labfleet_accounting.authz.scope_for`), so the list shows exactly the
+    intervals the totals add up. Open intervals run to ``now``.
+    """
+    if limit <= 0:
+        return []
+    t = UsageInterval
+    stop = func.coalesce(t.end_s, literal(now or end))
+    query = select(*(getattr(t, c) for c in RECENT_COLUMNS))
+    query = _where(query, start, end, stop, flt)
+    query = query.order_by(t.start_s.desc(), t.id.desc()).limit(limit)
+    with engine.connect() as connection:
+        return [dict(r) for r in connection.execute(query).mappings()]
+
+
+# The Job controller names the pods of an Indexed Job (every labfleet Job is)
+# "<job>-<completion index>-<5 random characters>", truncating only Job names
+# longer than labfleet's (at most 41 characters: labfleet_batch.jobs.new_job_name).
+_INDEXED_JOB_POD = re.compile(r"^(?P<job>.+)-\d+-[a-z0-9]{5}$")
+
+
+def kube_job_name(pod_name: str) -> str:
+    """The Kubernetes Job of a batch pod, from the pod's name (the name itself if not a Job's)."""
+    match = _INDEXED_JOB_POD.match(pod_name or "")
+    return match.group("job") if match else pod_name or ""
+
+
+def interval_what(row: Mapping) -> str:
+    """What an interval was, as its owner knows it.
+
+    Batch: the job id ``<group>/<name>`` the batch service uses (``labfleet-batch
+    status``): a local job's ledger uid, a Kubernetes Job's name from its pod's.
+    Interactive: the notebook server (its name; ``default server`` for the unnamed
+    one), on Kubernetes its pod.
+    """
+    source, uid, name = row["source"], row["uid"] or "", row["name"] or ""
+    if row["kind"] == KIND_BATCH:
+        if source == KUBE_SOURCE:
+            job = kube_job_name(name) or uid
+            return f"{row['group_name']}/{job}" if row["group_name"] else job
+        return uid
+    if source == LOCAL_SOURCE:
+        return name or "default server"
+    return name or uid
+
+
+def describe_interval(row: Mapping, weights: Weights | None = None, now: int = 0) -> dict:
+    """One row of :func:`query_recent` as the page and the API show it. Pure.
+
+    Hours are those of the whole interval (an open one up to ``now``), not only
+    its part in the period; GPU-hours weighted as in :func:`summarize`.
+    """
+    weights = weights or Weights()
+    start, end = int(row["start_s"]), row["end_s"]
+    stop = int(end) if end is not None else max(int(now), start)
+    hours = max(stop - start, 0) / 3600
+    kind, model = row["accelerator_kind"] or "", row["accelerator"] or ""
+    count = int(row["accelerator_count"] or 0)
+    device_hours = hours * count if model else 0.0
+    gpu_hours = fpga_hours = 0.0
+    if kind in ("gpu", "mig"):
+        gpu_hours = device_hours * weights.gpu_weight(model, kind, row["gpu_fraction"])
+    elif kind == "fpga":
+        fpga_hours = device_hours
+    return {
+        "kind": row["kind"],
+        "what": interval_what(row),
+        "user": row["user_name"],
+        "group": row["group_name"],
+        "profile": row["profile"] or "",
+        "accelerator": model,
+        "accelerator_kind": kind,
+        "accelerator_count": count if model else 0,
+        "start": start,
+        "end": int(end) if end is not None else None,
+        "running": end is None,
+        "seconds": max(stop - start, 0),
+        "cpu_core_hours": round(hours * float(row["cpu"] or 0), 6),
+        "memory_gb_hours": round(hours * float(row["memory"] or 0) / GB, 6),
+        "gpu_hours": round(gpu_hours, 6),
+        "fpga_hours": round(fpga_hours, 6),
+        "source": row["source"],
+        "uid": row["uid"],
+    }
 
 
 def format_hours(value: float) -> str:

@@ -9,10 +9,11 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 
 - ``GET  api/usage?period=2025-03&by=user|group&user=&group=&format=json|csv``
 - ``GET  api/usage/series?period=...&bucket=day|week&metric=gpu_hours``
+- ``GET  api/usage/recent?period=...&user=&group=`` the latest sessions and jobs, newest first
 - ``GET  api/budget/check?group=&accelerator_kind=``  -> a budget Decision
 - ``PUT  api/budgets/<group>`` (platform admins) ``{"gpu_hours", "period", ...}``
-- ``GET  /`` a page with the caller's usage, charts (inline SVG) and totals, in the
-  hub's layout (:mod:`labfleet_accounting.usage_page`)
+- ``GET  /`` a page with the caller's usage, charts (inline SVG), totals and the recent
+  sessions and jobs, in the hub's layout (:mod:`labfleet_accounting.usage_page`)
 - ``GET  metrics`` Prometheus text (see :mod:`labfleet_accounting.metrics`)
 - ``GET|PUT api/quotas/<group>`` (group and platform admins), ``GET|PUT
   api/quota-caps/<group>`` (PUT: platform admins), ``GET api/audit?group=``,
@@ -38,7 +39,9 @@ from .budgets import BudgetChecker
 from .reports import (
     PeriodError,
     Weights,
+    describe_interval,
     parse_period,
+    query_recent,
     query_series,
     query_usage,
     summarize,
@@ -54,8 +57,9 @@ class Context:
 
     def __init__(self, engine, weights: Weights, admin_group_pattern: str, group_admins: dict,
                  budgets: BudgetChecker, registry: CollectorRegistry, clock=time.time,
-                 quotas=None, nav: HubNav | None = None):  # fmt: skip
+                 quotas=None, nav: HubNav | None = None, recent_limit: int = 50):  # fmt: skip
         self.engine = engine
+        self.recent_limit = recent_limit  # rows of "Recent sessions and jobs" (page and API)
         self.nav = nav  # the hub's navigation bar on the page; None: from hub_auth
         self.quotas = quotas  # a QuotaManager; None without Kubernetes
         self.weights = weights
@@ -94,6 +98,13 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
     async def db(self, fn, *args):
         return await asyncio.to_thread(fn, *args)
+
+    async def recent(self, start: int, end: int, flt, now: int) -> list[dict]:
+        """The latest sessions and jobs ``flt`` (the caller's scope) lets through."""
+        rows = await self.db(
+            query_recent, self.ctx.engine, start, end, flt, now, self.ctx.recent_limit
+        )
+        return [describe_interval(r, self.ctx.weights, now) for r in rows]
 
 
 class UsageHandler(BaseHandler):
@@ -140,6 +151,25 @@ class SeriesHandler(BaseHandler):
         except Forbidden as e:
             return self.fail(403, str(e))
         self.finish({"period": label, "bucket": bucket, "series": series})
+
+
+class RecentHandler(BaseHandler):
+    """The usage page's "Recent sessions and jobs" as JSON, under the same scope rules."""
+
+    @web.authenticated
+    async def get(self):
+        try:
+            start, end, label = self.period()
+            flt = scope_for(
+                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
+            )
+        except PeriodError as e:
+            return self.fail(400, str(e))
+        except Forbidden as e:
+            return self.fail(403, str(e))
+        recent = await self.recent(start, end, flt, int(self.ctx.clock()))
+        self.finish({"period": label, "start": start, "end": end,
+                     "limit": self.ctx.recent_limit, "recent": recent})  # fmt: skip
 
 
 class BudgetCheckHandler(BaseHandler):
@@ -201,6 +231,7 @@ class PageHandler(BaseHandler):
         series = await self.db(
             query_series, self.ctx.engine, start, end, 86400, flt, self.ctx.weights, now
         )
+        recent = await self.recent(start, end, flt, now)
         summary = summarize(rows, by, self.ctx.weights)
         scope = (
             "You see everything (platform admin)."
@@ -214,7 +245,7 @@ class PageHandler(BaseHandler):
         self.finish(
             render_usage_page(
                 self.current_user, label, scope, summary, series, by, group, nav,
-                self.settings.get("service_prefix", ""),
+                self.settings.get("service_prefix", ""), recent, self.ctx.recent_limit,
             )
         )  # fmt: skip
 
@@ -259,6 +290,7 @@ def make_app(
     routes = [
         (url_path_join(prefix, "api/usage"), UsageHandler, args),
         (url_path_join(prefix, "api/usage/series"), SeriesHandler, args),
+        (url_path_join(prefix, "api/usage/recent"), RecentHandler, args),
         (url_path_join(prefix, "api/budget/check"), BudgetCheckHandler, args),
         (url_path_join(prefix, r"api/budgets/([^/]+)"), BudgetHandler, args),
         (url_path_join(prefix, r"api/quotas/([^/]+)"), QuotaHandler, args),

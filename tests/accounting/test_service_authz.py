@@ -103,6 +103,9 @@ MATRIX = {
     ("GET", "api/usage/series?period=2025-03"): {"root", "alice", "eve", "bob"},
     ("GET", "api/usage/series?period=2025-03&group=ml"): {"root", "alice"},
     ("GET", "api/usage/series?period=2025-03&user=bob"): {"root", "bob"},
+    ("GET", "api/usage/recent?period=2025-03"): {"root", "alice", "eve", "bob"},
+    ("GET", "api/usage/recent?period=2025-03&group=ml"): {"root", "alice"},
+    ("GET", "api/usage/recent?period=2025-03&user=eve"): {"root", "eve"},
     ("GET", "?period=2025-03"): {"root", "alice", "eve", "bob"},
     ("GET", "?period=2025-03&group=ml"): {"root", "alice"},
     ("GET", "api/budget/check?group=ml&accelerator_kind=gpu"): {"root", "alice", "eve"},
@@ -135,7 +138,7 @@ async def test_authorization_matrix(service):
             refusals += 1
             assert r.status_code in (302, 403), f"anonymous {method} {path}"
             assert "usage" not in r.text
-    assert (probes, refusals) == (78, 78 - sum(len(a) for a in MATRIX.values()))
+    assert (probes, refusals) == (96, 96 - sum(len(a) for a in MATRIX.values()))
 
 
 async def test_users_see_only_what_they_may(service):
@@ -157,7 +160,22 @@ async def test_users_see_only_what_they_may(service):
             csv.splitlines()[0] == "group,kind,resource,model,hours" and "cms,batch,cpu_core" in csv
         )
         page = (await get("alice-token", "?period=2025-03&group=ml")).text
-        assert "<svg" in page and ">eve<" not in page  # by group
+        assert "<svg" in page and ">eve<" not in page.split('id="recent"')[0]  # by group
+        # ... and the group's sessions and jobs below, eve's among them, bob's not
+        recent = page.split('id="recent"', 1)[1]
+        assert '<td class="user">eve</td>' in recent and ">bob<" not in recent
+        for token, path, users in (
+            ("eve-token", "api/usage/recent?period=2025-03", {"eve"}),
+            ("bob-token", "api/usage/recent?period=2025-03", {"bob"}),
+            ("alice-token", "api/usage/recent?period=2025-03&group=ml", {"alice", "eve"}),
+            ("root-token", "api/usage/recent?period=2025-03", {"alice", "eve", "bob"}),
+        ):
+            body = (await get(token, path)).json()
+            assert body["limit"] == 50 and {e["user"] for e in body["recent"]} == users, path
+        (one,) = (await get("eve-token", "api/usage/recent?period=2025-03")).json()["recent"]
+        assert (one["kind"], one["source"], one["uid"], one["cpu_core_hours"]) == (
+            "batch", "k8s", "1", 1.0,
+        )  # fmt: skip
         # the hub's layout: its scripts (Bootstrap, dark mode), none from elsewhere
         sources = re.findall(r'<script src="([^"]+)"', page)
         assert sources and all(src.startswith("/hub/static/") for src in sources)

@@ -14,6 +14,7 @@ import sqlite3
 import time
 
 from labfleet_accounting.reports import format_hours, nice_ceiling, series_total
+from labfleet_accounting.usage_page import format_duration
 
 from .conftest import assert_hub_layout, login, screenshot
 from .test_platform_login import start_server, stop_server, wait_for_lab
@@ -93,6 +94,17 @@ def test_local_server_is_accounted_and_shown_to_the_right_people(platform, brows
     assert_hub_layout(alice, "alice")
     assert "Your own usage." in alice.inner_text("body")
     assert alice.locator("#totals td", has_text=re.compile(r"^alice$")).count() == 1
+    # below the totals, the session itself: newest first, hours written as everywhere
+    session = alice.locator("#recent tbody tr.interval").first
+    texts = session.locator("td").all_inner_texts()
+    assert texts[:5] == ["interactive", "default server", "alice", "ml", "cpu"]
+    assert texts[7] == format_duration(row["end_s"] - row["start_s"]), texts
+    cpu_hours = row["cpu"] * (row["end_s"] - row["start_s"]) / 3600
+    assert texts[8] == format_hours(cpu_hours)
+    status, body = json_in_page(alice, platform, "api/usage/recent")
+    assert status == 200 and {e["user"] for e in body["recent"]} == {"alice"}
+    assert body["recent"][0]["start"] == row["start_s"] and body["recent"][0]["uid"] == "alice/"
+    open_usage_page(alice, platform)
     # a CPU session: no GPU chart (it was an empty one on a 0..1 axis), the CPU chart
     gpu = alice.locator('section[data-metric="gpu_hours"]')
     assert gpu.locator("svg").count() == 0 and "No GPU use in " in gpu.inner_text()
@@ -128,6 +140,7 @@ def test_local_server_is_accounted_and_shown_to_the_right_people(platform, brows
     bob.wait_for_url(re.compile(r"/hub/"))
     open_usage_page(bob, platform)
     assert "alice" not in bob.inner_text("#totals")
+    assert "alice" not in bob.inner_text("#recent")
     status, body = json_in_page(bob, platform, "api/usage?user=alice")
     assert status == 403 and "you may see your own usage only" in body["message"]
     status, body = json_in_page(bob, platform, "api/usage?group=ml&by=user")

@@ -91,7 +91,7 @@ def test_nothing_used_says_so_instead_of_empty_charts():
 def test_axis_and_table_use_the_same_units_and_precision():
     cpu = 8 / 3600  # alice's 8 core-seconds today
     html = page(alice_summary(8.0), series([cpu, 0.0, 0.0]))
-    table = html.split('id="totals"', 1)[1]
+    table = html.split('id="totals"', 1)[1].split("</table>", 1)[0]
     headers = re.findall(r'<th class="num">([^<]+)</th>', table)
     cells = re.findall(r'<td class="num">([^<]+)</td>', table)
     assert headers == ["GPU-h", "FPGA-h", "CPU core-h", "memory GB-h"]
