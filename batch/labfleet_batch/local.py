@@ -14,12 +14,18 @@
   the hub's own process, passing the hub's allocator does the same. Without
   either, give the service devices of its own.
 - **Processes**: one per completion index, at most ``parallelism`` at once,
-  each in its own session (cancel and deadline kill the whole process group),
   running as the user's mapped uid/gid when the service is root -- the same
-  ids and folders as the local spawner (:mod:`labfleet_spawner.storage`).
-- **Logs**: ``<workdir>/logs/<index>.log`` in the job's folder in the user's home;
-  each completion's exit status goes to ``<index>.exit`` next to it (written by
-  a small ``/bin/sh`` wrapper, so it is known even if the service was down).
+  ids and folders as the local spawner (:mod:`labfleet_spawner.storage`) --
+  each in a PID namespace of its own, so that nothing it starts outlives it,
+  its cancel or its time limit (:mod:`.local_proc`).
+- **Files**: the service never writes into a job's folder by name nor reads
+  anything there through a link: the folder, input files and script are
+  created through directory descriptors without following links, and logs
+  and exit statuses are read the same way (:mod:`.jobfs`).
+- **Logs**: ``<workdir>/logs/<index>.log`` in the job's folder in the user's home,
+  opened by the completion itself, as the user; each completion's exit status
+  goes to ``<index>.exit`` next to it (written by a small ``/bin/sh`` wrapper,
+  so it is known even if the service was down).
 - **Restarts**: with a :class:`~.store.JobStore`, records survive the service.
   :meth:`LocalBackend.restore` reloads them: a job whose processes still run
   (same pid *and* start time) is watched again until they end; one whose
@@ -45,7 +51,6 @@ import contextlib
 import datetime
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -59,7 +64,6 @@ from labfleet_spawner.devices import (
     NoFreeDevice,
     cuda_visible_devices,
 )
-from labfleet_spawner.local import _chdir_only, _drop_privileges
 from labfleet_spawner.storage import (
     DEFAULT_GID_BASE,
     DEFAULT_UID_BASE,
@@ -71,6 +75,7 @@ from labfleet_spawner.storage import (
     plan_storage,
 )
 
+from . import jobfs, local_proc
 from . import jobs as jobbuilder
 from .local_accounting import SENT_STOP, JobAccounting, ended_at, job_usage
 from .local_job import LocalJob as _Job
@@ -87,21 +92,12 @@ from .model import (
 )
 from .queues import QueueConfig
 from .store import JobStore, process_start_time
-from .validation import BatchRequest
+from .validation import BatchRequest, RequestError
 
 log = logging.getLogger(__name__)
 
 #: The batch service's side in the device claims registry shared with the hub.
 CLAIMS_COMPONENT = "batch"
-
-#: Runs a completion and records its exit status in a file (``$1``) that outlives this
-#: service. A command that is not found is said so, naming the command and the PATH
-#: it was looked up in (the shell would name this wrapper instead).
-EXIT_WRAPPER = (
-    'x=$1; shift; rc=0; if command -v -- "$1" >/dev/null 2>&1; then "$@" || rc=$?; '
-    'else echo "labfleet-batch: $1: command not found (PATH=$PATH)"; rc=127; fi; '
-    'echo "$rc" > "$x.tmp" && mv -f "$x.tmp" "$x"; exit "$rc"'
-)
 
 
 def nonzero_exit_message(codes: dict[int, int]) -> str:
@@ -164,6 +160,8 @@ class LocalBackend(RestoreMixin):
         # Isolation needs root and the hub's ids; otherwise jobs run as the service.
         self.isolate = (os.geteuid() == 0 and hub_ids is not None) if isolate is None else isolate
         self.uid_base, self.gid_base = uid_base, gid_base
+        # jobs of other users run in PID namespaces of their own (local_proc): required
+        self.tools = local_proc.containment_tools() if self.isolate else None
         self.kill_grace = kill_grace
         self.path = path
         self._jobs: dict[tuple[str, str], _Job] = {}
@@ -227,7 +225,10 @@ class LocalBackend(RestoreMixin):
         # scheduling pass (another job finishing) during this await must not find it, or it
         # would start before its files exist (issue 17). From here on no await until the
         # job is queued and stored, so it is seen complete or not at all.
-        await asyncio.to_thread(self._prepare_workdir, job)
+        try:
+            await asyncio.to_thread(self._prepare_workdir, job)
+        except jobfs.JobFolderError as e:  # e.g. ~/batch is a link: nothing is written there
+            raise RequestError(f"cannot create the job's folder: {e.strerror}") from None
         self._seq += 1
         job.submitted = self._seq
         self._jobs[(request.group, name)] = job
@@ -252,10 +253,14 @@ class LocalBackend(RestoreMixin):
         job = self._jobs.get((group, name))
         if job is None:
             raise KeyError(name)
-        path = Path(job.record.workdir) / "logs" / f"{index}.log"
-        if not path.exists():
-            raise LogsUnavailable(f"completion {index} has not started yet")
-        return await asyncio.to_thread(path.read_text, errors="replace")
+        try:
+            return await asyncio.to_thread(
+                jobfs.read_text, self._folder(job), "logs", f"{index}.log"
+            )
+        except FileNotFoundError:
+            raise LogsUnavailable(f"completion {index} has not started yet") from None
+        except jobfs.JobFolderError as e:
+            raise LogsUnavailable(f"cannot read the log: {e.strerror}") from None
 
     async def cancel(self, group: str, name: str) -> JobRecord:
         job = self._jobs.get((group, name))
@@ -308,16 +313,16 @@ class LocalBackend(RestoreMixin):
         if job.usage is not None and job.usage_end is None and self.accounting is not None:
             # it ended unwatched: at its last exit status, not now
             job.usage_end = ended_at(
-                job.record.workdir,
+                self._folder(job),
                 job.record.completions,
                 job.usage["start"],
                 self.accounting.now(),
             )
-        logs = Path(job.record.workdir) / "logs"
+        folder = self._folder(job)
         codes: dict[int, int | None] = {}
         for index in range(job.record.completions):
             try:
-                codes[index] = int((logs / f"{index}.exit").read_text().strip())
+                codes[index] = int(jobfs.read_text(folder, "logs", f"{index}.exit", limit=32))
             except (OSError, ValueError):
                 codes[index] = None
         job.record.succeeded = sum(1 for c in codes.values() if c == 0)
@@ -429,17 +434,16 @@ class LocalBackend(RestoreMixin):
 
     # -- running ------------------------------------------------------------------------
 
-    def _prepare_workdir(self, job: _Job) -> None:
+    def _folder(self, job: _Job, chown: bool = False) -> jobfs.JobFolder:
+        """The job's folder, for :mod:`.jobfs` (which trusts nothing inside it)."""
         workdir = Path(job.record.workdir)
-        (workdir / "logs").mkdir(parents=True, exist_ok=True)
-        for name, content in job.request.files.items():
-            (workdir / name).write_text(content)
-        if job.request.script is not None:
-            (workdir / ".labfleet-job.sh").write_text(job.request.script + "\n")
-        if job.isolate:
-            owner = (job.layout.uid, job.layout.gid)
-            for path in (workdir.parent, workdir, *workdir.rglob("*")):
-                os.chown(path, *owner, follow_symlinks=False)
+        # workdir_for: <home>/batch/<name>; the record is the service's own state
+        home = job.layout.home if job.layout is not None else workdir.parent.parent
+        owner = (job.layout.uid, job.layout.gid) if chown and job.isolate else None
+        return jobfs.JobFolder.of(home, workdir, owner)
+
+    def _prepare_workdir(self, job: _Job) -> None:
+        jobfs.prepare(self._folder(job, chown=True), job.request.files, job.request.script)
 
     def _env(self, job: _Job, index: int, devices: list) -> dict[str, str]:
         layout = job.layout
@@ -480,44 +484,35 @@ class LocalBackend(RestoreMixin):
         else:
             argv = list(job.request.command)
         layout = job.layout
-        preexec = (
-            _drop_privileges(layout.uid, layout.gid, layout.supplementary_gids, str(workdir))
-            if job.isolate
-            else _chdir_only(str(workdir))
-        )
-        log_path = workdir / "logs" / f"{index}.log"
-        with open(log_path, "ab") as out:
-            if job.isolate:
-                os.chown(log_path, layout.uid, layout.gid)
-            if job.request.script is not None:
-                os.chmod(workdir / ".labfleet-job.sh", 0o700)
-            exit_path = workdir / "logs" / f"{index}.exit"
-            with contextlib.suppress(FileNotFoundError):
-                exit_path.unlink()
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh",
-                    "-c",
-                    EXIT_WRAPPER,
-                    "labfleet-job",
-                    str(exit_path),
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=self._env(job, index, devices),
-                    preexec_fn=preexec,
-                    start_new_session=True,  # its own process group: kill it whole
-                )
-            except OSError as e:
-                out.write(f"labfleet-batch: cannot start {argv[0]}: {e}\n".encode())
-                return 127
+        user = (layout.uid, layout.gid, layout.supplementary_gids) if job.isolate else None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *local_proc.completion_argv(str(workdir), index, argv, user, self.tools),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                # only what fails before the wrapper has its log (unshare, setpriv, cd)
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env(job, index, devices),
+                start_new_session=True,  # its own process group: kill it whole
+            )
+        except OSError as e:
+            log.error("Cannot start completion %d of %s: %s", index, job.owner, e)
+            return 127
         job.procs[index] = proc
+        if job.stopping:  # stopped while this one was being started
+            local_proc.kill(proc.pid)
         job.pids[index] = [proc.pid, process_start_time(proc.pid) or 0]
         job.record.active += 1
         self._save(job)
         try:
-            return await proc.wait()
+            _, early = await proc.communicate()
+            early_text = early.decode(errors="replace").strip()[-500:]
+            if proc.returncode == local_proc.CANNOT_START:
+                # never got to the command (its folder is gone, ...): the job fails saying so
+                raise local_proc.CompletionNotStarted(early_text or "its folder is not usable")
+            if early_text:
+                log.warning("Completion %d of %s: %s", index, job.owner, early_text)
+            return proc.returncode
         finally:
             job.record.active -= 1
             job.procs.pop(index, None)
@@ -540,19 +535,27 @@ class LocalBackend(RestoreMixin):
         async def one(index: int) -> int:
             slot = await free_slots.get()
             try:
+                if job.stopping:  # the job is being stopped: this completion never starts
+                    return -1
                 return await self._run_index(job, index, slot)
             finally:
                 free_slots.put_nowait(slot)
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(req.completions)]
+        gathered = asyncio.gather(*tasks)
         try:
-            codes = await asyncio.wait_for(asyncio.gather(*tasks), req.max_run_time)
+            # shielded: at the time limit the completions' tasks must still hold their
+            # processes, so that _kill_all finds and ends them
+            codes = await asyncio.wait_for(asyncio.shield(gathered), req.max_run_time)
         except TimeoutError:
             await self._kill_all(job)
+            with contextlib.suppress(Exception):
+                await gathered
             self._finish(job, FAILED, f"exceeded max_run_time of {req.max_run_time} s")
             return
         except asyncio.CancelledError:
             await self._kill_all(job)
+            gathered.cancel()
             raise
         except Exception as e:
             # e.g. its folder was removed while it waited: the job must end, not stay
@@ -575,16 +578,15 @@ class LocalBackend(RestoreMixin):
         if job.request is None:
             await self._kill_restored(job)
             return
+        job.stopping = True
         procs = list(job.procs.values())
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            local_proc.terminate(proc.pid, contained=job.isolate)
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), self.kill_grace)
         except TimeoutError:
             for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                local_proc.kill(proc.pid)
             await asyncio.gather(*(p.wait() for p in procs))
         if job.task is not None and job.task is not asyncio.current_task():
             job.task.cancel()

@@ -49,6 +49,7 @@ from labfleet_accounting.records import START, STOP, Event, Usage
 from labfleet_accounting.spool import append_events
 from labfleet_hub.contract import KIND_BATCH
 
+from . import jobfs
 from .model import JobRecord
 from .validation import BatchRequest
 
@@ -83,21 +84,20 @@ def job_usage(record: JobRecord, request: BatchRequest, start: int) -> dict[str,
     return asdict(usage)
 
 
-def ended_at(workdir: str | None, completions: int, start: int, now: int) -> int:
+def ended_at(folder: jobfs.JobFolder | None, completions: int, start: int, now: int) -> int:
     """When a job whose processes ended unwatched stopped: its last exit status or log write.
 
     Each completion's log is opened when it starts and its ``<index>.exit`` is
     written when it ends, so the latest of them is the last sign of the job;
-    never before ``start`` nor after ``now``.
+    never before ``start`` nor after ``now``. Read through :mod:`.jobfs`: the
+    folder is the user's.
     """
     latest = start
-    logs = Path(workdir or "") / "logs"
-    for index in range(completions):
+    for index in range(completions if folder is not None else 0):
         for name in (f"{index}.exit", f"{index}.log"):
-            try:
-                latest = max(latest, int((logs / name).stat().st_mtime))
-            except OSError:
-                pass
+            written = jobfs.mtime(folder, "logs", name)
+            if written is not None:
+                latest = max(latest, int(written))
     return min(latest, now)
 
 

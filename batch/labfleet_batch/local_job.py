@@ -24,6 +24,8 @@ class LocalJob:
     procs: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     task: asyncio.Task | None = None
     cancelled: bool = False
+    # being stopped (cancel, time limit, failure): no further completion may start
+    stopping: bool = False
     # index -> [pid, start time]: what a restarted service checks
     pids: dict[int, list[int]] = field(default_factory=dict)
     stored_demand: dict[str, float] | None = None

@@ -214,6 +214,8 @@ class JobsHandler(BaseHandler):
         except HubIdsUnavailable as e:
             # nothing was created: the Job would otherwise run as the wrong user
             raise web.HTTPError(503, "%s", str(e)) from None
+        except RequestError as e:  # what the backend found in the way (e.g. the job folder)
+            raise web.HTTPError(400, "%s", str(e)) from None
         log.info(
             "%s submitted %s (%s)", self.caller.name, record.id, request.selection.profile.name
         )
@@ -274,7 +276,7 @@ class LogsHandler(BaseHandler):
             try:
                 text = await backend.logs(group, name, index)
             except LogsUnavailable as e:
-                if not follow or sent:
+                if not follow or sent or record.state in FINAL_STATES:
                     raise web.HTTPError(409, "%s", str(e)) from None
                 text = ""
             except KeyError:

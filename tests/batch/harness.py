@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -133,6 +134,26 @@ def process_gone(pid: int) -> bool:
         return True
     # the state follows the command name, which may itself contain ") "
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def host_pids(fragment: str) -> list[int]:
+    """Pids (as this machine numbers them) whose command line contains ``fragment``.
+
+    A job's processes live in a PID namespace of their own: the pids they see
+    of themselves ($$, $!) mean nothing outside it.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline and int(entry) != os.getpid():
+            found.append(int(entry))
+    return found
 
 
 def wait_processes_gone(pids, timeout: float = 15.0) -> list[int]:

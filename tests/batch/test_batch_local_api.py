@@ -27,6 +27,7 @@ from tornado import web
 from tests.batch.harness import (
     PREFIX,
     cross_tenant_matrix,
+    host_pids,
     make_context,
     running_service,
     wait_processes_gone,
@@ -294,18 +295,20 @@ async def test_gpu_exclusive_between_jobs_and_notebooks_of_another_process(
 
 async def test_cancel_kills_process_group_and_deadline_fails_job(service, users):
     _, token = by_prefix(users, "alice")
-    script = "sleep 300 & echo $! > child.pid; echo $$ > main.pid; wait"
+    marker = f"{uuid.uuid4().int % 10**6 + 1000}.5"  # sleep's argument, unique to this test
+    script = f"sleep {marker} & echo started > started; wait"
     job = (await service.call("POST", "api/jobs", token, {"script": script})).body
     await service.wait_state(job["id"], token, {"running"})
     workdir = Path(job["workdir"])
     for _ in range(50):
-        if (workdir / "child.pid").exists() and (workdir / "main.pid").exists():
+        if (workdir / "started").exists():
             break
         await asyncio.sleep(0.1)
-    pids = [int((workdir / f).read_text()) for f in ("child.pid", "main.pid")]
+    pids = host_pids(f"sleep {marker}")
+    assert pids, "the job's background sleep is not running"
     r = await service.call("DELETE", f"api/jobs/{job['id']}", token)
     assert r.body["state"] == "cancelled"
-    # SIGTERM to the whole process group: the script and its background child end
+    # SIGTERM to the whole job: the script and its background child end
     assert await asyncio.to_thread(wait_processes_gone, pids) == []
     slow = (
         await service.call("POST", "api/jobs", token, {"script": "sleep 60", "max_run_time": 1})
