@@ -96,6 +96,22 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         start, end = parse_period(text)
         return start, end, text
 
+    def scope(self) -> tuple[int, int, str, object] | None:
+        """``(start, end, label, filter)`` from ``period``, ``user`` and ``group``: what
+        the caller asks for and may see; None once a 400 or 403 has been answered."""
+        try:
+            start, end, label = self.period()
+            flt = scope_for(
+                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
+            )
+        except PeriodError as e:
+            self.fail(400, str(e))
+            return None
+        except Forbidden as e:
+            self.fail(403, str(e))
+            return None
+        return start, end, label, flt
+
     async def db(self, fn, *args):
         return await asyncio.to_thread(fn, *args)
 
@@ -110,18 +126,12 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 class UsageHandler(BaseHandler):
     @web.authenticated
     async def get(self):
-        try:
-            start, end, label = self.period()
-            by = self.get_argument("by", "user")
-            if by not in ("user", "group"):
-                raise PeriodError("by must be 'user' or 'group'")
-            flt = scope_for(
-                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
-            )
-        except PeriodError as e:
-            return self.fail(400, str(e))
-        except Forbidden as e:
-            return self.fail(403, str(e))
+        by = self.get_argument("by", "user")
+        if by not in ("user", "group"):
+            return self.fail(400, "by must be 'user' or 'group'")
+        if (scope := self.scope()) is None:
+            return
+        start, end, label, flt = scope
         rows = await self.db(query_usage, self.ctx.engine, start, end, flt, int(self.ctx.clock()))
         summary = summarize(rows, by, self.ctx.weights)
         if self.get_argument("format", "json") == "csv":
@@ -134,22 +144,16 @@ class UsageHandler(BaseHandler):
 class SeriesHandler(BaseHandler):
     @web.authenticated
     async def get(self):
-        try:
-            start, end, label = self.period()
-            bucket = BUCKETS.get(self.get_argument("bucket", "day"))
-            if bucket is None:
-                raise PeriodError(f"bucket must be one of {', '.join(BUCKETS)}")
-            flt = scope_for(
-                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
-            )
-            series = await self.db(
-                query_series, self.ctx.engine, start, end, bucket, flt, self.ctx.weights,
-                int(self.ctx.clock()),
-            )  # fmt: skip
-        except PeriodError as e:
-            return self.fail(400, str(e))
-        except Forbidden as e:
-            return self.fail(403, str(e))
+        bucket = BUCKETS.get(self.get_argument("bucket", "day"))
+        if bucket is None:
+            return self.fail(400, f"bucket must be one of {', '.join(BUCKETS)}")
+        if (scope := self.scope()) is None:
+            return
+        start, end, label, flt = scope
+        series = await self.db(
+            query_series, self.ctx.engine, start, end, bucket, flt, self.ctx.weights,
+            int(self.ctx.clock()),
+        )  # fmt: skip
         self.finish({"period": label, "bucket": bucket, "series": series})
 
 
@@ -158,15 +162,9 @@ class RecentHandler(BaseHandler):
 
     @web.authenticated
     async def get(self):
-        try:
-            start, end, label = self.period()
-            flt = scope_for(
-                self.identity(), self.get_argument("user", None), self.get_argument("group", None)
-            )
-        except PeriodError as e:
-            return self.fail(400, str(e))
-        except Forbidden as e:
-            return self.fail(403, str(e))
+        if (scope := self.scope()) is None:
+            return
+        start, end, label, flt = scope
         recent = await self.recent(start, end, flt, int(self.ctx.clock()))
         self.finish({"period": label, "start": start, "end": end,
                      "limit": self.ctx.recent_limit, "recent": recent})  # fmt: skip

@@ -80,6 +80,17 @@ class LogsUnavailable(Exception):
     """Logs cannot be read (yet, or on this backend); the message says why."""
 
 
+def completion_index(raw: str, completions: int) -> int:
+    """The ``index`` of a logs request; ValueError naming what is allowed otherwise."""
+    try:
+        index = int(raw)
+    except ValueError:
+        raise ValueError("index must be a whole number") from None
+    if not 0 <= index < completions:
+        raise ValueError(f"index {index} is out of range; allowed: 0 to {completions - 1}")
+    return index
+
+
 class Backend(Protocol):
     """What the service needs from a backend; the Kubernetes and local ones implement it."""
 

@@ -35,7 +35,16 @@ from labfleet_hub.service_page import HubNav, render_service_page
 from labfleet_spawner.catalogue import parse_quantity
 from tornado import web
 
-from .model import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, JobRecord, LogsUnavailable
+from .model import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    JobRecord,
+    LogsUnavailable,
+    completion_index,
+)
 from .queues import GroupQuota
 
 log = logging.getLogger(__name__)
@@ -486,13 +495,9 @@ class JobPageHandler(PageBase):
         if record is None or not self.ctx.policy.can_access(caller, record.user, group):
             raise web.HTTPError(404, f"no job {group}/{name} that you may see")
         try:
-            index = int(self.get_argument("index", "0"))
-        except ValueError:
-            raise web.HTTPError(400, "index must be a whole number") from None
-        if not 0 <= index < record.completions:
-            raise web.HTTPError(
-                400, f"index {index} is out of range; allowed: 0 to {record.completions - 1}"
-            )
+            index = completion_index(self.get_argument("index", "0"), record.completions)
+        except ValueError as e:
+            raise web.HTTPError(400, "%s", str(e)) from None
         logs, missing = None, ""
         try:
             logs = await backend.logs(group, name, index)

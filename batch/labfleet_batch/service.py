@@ -47,7 +47,7 @@ from traitlets.config import Application
 
 from .authz import Caller, Policy
 from .budget import BudgetGate, BudgetUnavailable, budget_gate_from_url
-from .model import FINAL_STATES, LogsUnavailable
+from .model import FINAL_STATES, LogsUnavailable, completion_index
 from .queues import QueueConfig, parse_queue_config
 from .validation import Limits, RequestError, validate_request
 
@@ -261,13 +261,9 @@ class LogsHandler(BaseHandler):
     async def get(self, group: str, name: str):
         record = await self.visible_job(group, name)
         try:
-            index = int(self.get_argument("index", "0"))
-        except ValueError:
-            raise web.HTTPError(400, "index must be a whole number") from None
-        if not 0 <= index < record.completions:
-            raise web.HTTPError(
-                400, f"index {index} is out of range; allowed: 0 to {record.completions - 1}"
-            )
+            index = completion_index(self.get_argument("index", "0"), record.completions)
+        except ValueError as e:
+            raise web.HTTPError(400, "%s", str(e)) from None
         follow = self.get_argument("follow", "0") in ("1", "true", "yes")
         backend = self.ctx.backend
         self.set_header("Content-Type", "text/plain; charset=utf-8")

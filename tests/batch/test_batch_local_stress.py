@@ -105,6 +105,22 @@ async def wait_all_final(get, ids, timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
+async def assert_outcomes(backend, group: str, submitted: list[tuple[int, str, bool]]) -> None:
+    """Every accepted job ran its command or failed for its own reason, never the platform's."""
+
+    async def get(name):
+        return await backend.get(group, name)
+
+    await wait_all_final(get, [name for _, name, _ in submitted], timeout=120)
+    problems = []
+    for n, name, succeeds in sorted(submitted):
+        record = await backend.get(group, name)
+        problem = check_outcome(record, Path(record.workdir), n, succeeds)
+        if problem:
+            problems.append(problem)
+    assert not problems, f"{len(problems)} of {len(submitted)} jobs: " + "\n".join(problems[:10])
+
+
 async def test_rapid_submissions_while_jobs_finish_never_start_a_job_before_its_files(
     storage_root,
 ):
@@ -151,19 +167,7 @@ async def test_rapid_submissions_while_jobs_finish_never_start_a_job_before_its_
             await asyncio.sleep(rng.choice([0, 0, 0.005, 0.02]))
         assert len(submitted) == 400
 
-        async def get(name):
-            return await backend.get(group, name)
-
-        await wait_all_final(get, [name for _, name, _ in submitted], timeout=120)
-        problems = []
-        for n, name, succeeds in sorted(submitted):
-            record = await backend.get(group, name)
-            problem = check_outcome(record, Path(record.workdir), n, succeeds)
-            if problem:
-                problems.append(problem)
-        assert not problems, f"{len(problems)} of {len(submitted)} jobs: " + "\n".join(
-            problems[:10]
-        )
+        await assert_outcomes(backend, group, submitted)
     finally:
         await backend.close()
     print(f"{len(submitted)} jobs in {time.monotonic() - started:.1f} s")
@@ -202,18 +206,6 @@ async def test_rapid_submissions_through_the_service(hub, storage_root):
             for wave in range(10):
                 await asyncio.gather(*(submit(wave * 6 + k) for k in range(6)))
 
-            async def get(name):
-                return await backend.get(group, name)
-
-            await wait_all_final(get, [name for _, name, _ in submitted], timeout=120)
-            problems = []
-            for n, name, succeeds in sorted(submitted):
-                record = await backend.get(group, name)
-                problem = check_outcome(record, Path(record.workdir), n, succeeds)
-                if problem:
-                    problems.append(problem)
-            assert not problems, f"{len(problems)} of {len(submitted)} jobs: " + "\n".join(
-                problems[:10]
-            )
+            await assert_outcomes(backend, group, submitted)
     finally:
         await backend.close()
