@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 
@@ -195,8 +196,14 @@ class BudgetHandler(BaseHandler):
         try:
             body = json.loads(self.request.body or b"{}")
             gpu_hours = float(body["gpu_hours"])
+            warn_fraction = float(body.get("warn_fraction", 0.8))
             period = body.get("period", "month")
+            # NaN compares false with everything: checked as finite first
+            if not (math.isfinite(gpu_hours) and math.isfinite(warn_fraction)):
+                raise ValueError
             if period not in ("month", "quarter", "year") or gpu_hours < 0:
+                raise ValueError
+            if not 0 <= warn_fraction <= 1 or not isinstance(body.get("enforce", True), bool):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             return self.fail(
@@ -206,7 +213,7 @@ class BudgetHandler(BaseHandler):
             )
         await self.db(
             self.ctx.budgets.set_budget, group, gpu_hours, period,
-            float(body.get("warn_fraction", 0.8)), bool(body.get("enforce", True)),
+            warn_fraction, body.get("enforce", True),
         )  # fmt: skip
         self.finish({"group": group, "gpu_hours": gpu_hours, "period": period})
 

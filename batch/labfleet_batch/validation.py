@@ -34,6 +34,9 @@ ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
 #: Variables the platform sets itself; a user may not override them.
 RESERVED_ENV_PREFIXES = ("LABFLEET_", "JUPYTERHUB_", "KUBERNETES_", "JOB_COMPLETION_INDEX")
+#: Variables that choose which accelerators a process sees: set by the platform from what
+#: it handed out; a job that set them could reach every GPU of its node past its quota.
+DEVICE_ENV_NAMES = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
 
 FIELDS = (
     "name",
@@ -111,14 +114,12 @@ def _utf8_len(text: str) -> int:
 def _int(raw: Any, name: str, low: int, high: int, default: int) -> int:
     if raw is None:
         return default
-    if isinstance(raw, bool) or not isinstance(raw, int | str):
-        raise RequestError(f"{name} must be a whole number; allowed: {low} to {high}")
-    try:
-        value = int(raw)
-    except ValueError:
+    # strict: a JSON number without a fraction ("5", 5.0, true and Infinity are refused)
+    if isinstance(raw, bool) or not isinstance(raw, int):
         raise RequestError(
             f"{name} {str(raw)[:32]!r} is not a whole number; allowed: {low} to {high}"
-        ) from None
+        )
+    value = raw
     if not low <= value <= high:
         raise RequestError(f"{name} {value} is out of range; allowed: {low} to {high}")
     return value
@@ -177,7 +178,7 @@ def _files(raw: Any, limits: Limits) -> dict[str, str]:
         raise RequestError(f"{len(raw)} input files; allowed: at most {limits.max_files}")
     total = 0
     for name, content in raw.items():
-        if not _FILE_NAME_RE.match(name) or ".." in name:
+        if not _FILE_NAME_RE.fullmatch(name) or ".." in name:
             raise RequestError(
                 f"input file name {str(name)[:64]!r} is not allowed; allowed: letters, digits, "
                 ". _ - (no leading dot or dash, no directories), at most 100 characters"
@@ -201,10 +202,16 @@ def _env(raw: Any, limits: Limits) -> dict[str, str]:
     if len(raw) > limits.max_env:
         raise RequestError(f"{len(raw)} environment variables; allowed: at most {limits.max_env}")
     for name, value in raw.items():
-        if not _ENV_NAME_RE.match(name):
+        if not _ENV_NAME_RE.fullmatch(name):
             raise RequestError(
                 f"environment variable name {str(name)[:64]!r} is not allowed; allowed: "
                 "letters, digits and _, not starting with a digit"
+            )
+        if name.upper() in DEVICE_ENV_NAMES:
+            raise RequestError(
+                f"environment variable {name!r} is not allowed: the platform sets "
+                f"{', '.join(DEVICE_ENV_NAMES)} from the accelerators it gives the job; "
+                "ask for accelerators with accelerator and count"
             )
         if name.upper().startswith(RESERVED_ENV_PREFIXES):
             raise RequestError(
@@ -275,7 +282,7 @@ def validate_request(
     group = _pick_group(raw.get("group"), user_groups, queue_groups)
 
     name = raw.get("name") or ""  # none given: named after its command, below
-    if name and (not isinstance(name, str) or not _JOB_NAME_RE.match(name)):
+    if name and (not isinstance(name, str) or not _JOB_NAME_RE.fullmatch(name)):
         raise RequestError(
             f"name {str(name)[:64]!r} is not allowed; allowed: lower-case letters, digits "
             "and -, starting and ending with a letter or digit, at most 32 characters"

@@ -237,10 +237,12 @@ def validate_selection(catalogue: Catalogue, groups, options: dict[str, Any]) ->
         count = 0
     else:
         try:
+            if isinstance(raw_count, bool):
+                raise TypeError
             count = int(raw_count) if raw_count not in (None, "") else 1
             if isinstance(raw_count, float) and raw_count != count:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # Infinity is a float JSON accepts
             raise SelectionError(
                 f"count {str(raw_count)[:32]!r} is not a whole number; "
                 f"allowed: 1 to {choice.max_count}"

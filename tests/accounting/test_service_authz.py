@@ -187,3 +187,19 @@ async def test_users_see_only_what_they_may(service):
         check = (await get("eve-token", "api/budget/check?group=ml&accelerator_kind=gpu")).json()
         assert check["verdict"] == "refuse" and not check["allowed"]
         assert "GPU-hours" in check["message"]
+
+
+async def test_budgets_refuse_values_that_are_not_numbers_of_hours(service):
+    """NaN and infinity parse as floats; a budget of either would disable enforcement."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        for body in (
+            '{"gpu_hours": NaN}',
+            '{"gpu_hours": Infinity}',
+            '{"gpu_hours": 10, "warn_fraction": NaN}',
+            '{"gpu_hours": 10, "warn_fraction": 2}',
+            '{"gpu_hours": 10, "enforce": "no"}',
+        ):
+            r = await client.put(service + "api/budgets/cms", content=body,
+                                 headers={"Authorization": "token root-token"})  # fmt: skip
+            assert r.status_code == 400, (body, r.text)
+            assert "gpu_hours" in r.json()["message"]

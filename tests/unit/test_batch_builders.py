@@ -99,6 +99,23 @@ def test_gpu_shortcut_picks_profile(catalogue, qconfig):
         ({"command": ["x"], "offload": True, "profile": "gpu-t4"}, ("ml",), "CPU profiles"),
         ({"command": ["x"], "profile": "gpu-rtx5000"}, ("ml",), "no batch quota for rtx5000"),
         ([1, 2], ("ml",), "JSON object"),
+        # the devices a job sees are the platform's to set (issue 10)
+        (
+            {"command": ["x"], "env": {"NVIDIA_VISIBLE_DEVICES": "all"}},
+            ("ml",),
+            "'NVIDIA_VISIBLE_DEVICES' is not allowed",
+        ),
+        ({"command": ["x"], "env": {"cuda_visible_devices": "0"}}, ("ml",), "is not allowed"),
+        # strict: a trailing newline is not part of a name, a string is not a number
+        ({"command": ["x"], "name": "job\n"}, ("ml",), "name"),
+        ({"command": ["x"], "completions": "5"}, ("ml",), "completions '5' is not a whole number"),
+        ({"command": ["x"], "completions": 2.5}, ("ml",), "is not a whole number"),
+        (
+            {"command": ["x"], "accelerator": "t4", "count": float("inf")},
+            ("ml",),
+            "count 'inf' is not a whole number",
+        ),
+        ({"command": ["x"], "files": {"in.txt\n": "x"}}, ("ml",), "in.txt"),
     ],
 )
 def test_rejections_say_what_and_what_is_allowed(catalogue, qconfig, raw, groups, fragment):
