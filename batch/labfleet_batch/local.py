@@ -14,8 +14,10 @@
   the hub's own process, passing the hub's allocator does the same. Without
   either, give the service devices of its own.
 - **Processes**: one per completion index, at most ``parallelism`` at once,
-  running as the user's mapped uid/gid when the service is root -- the same
-  ids and folders as the local spawner (:mod:`labfleet_spawner.storage`) --
+  running as the user's mapped uid/gid -- the same ids and folders as the
+  local spawner (:mod:`labfleet_spawner.storage`); a service that cannot
+  (not root, no hub ids) refuses every job unless ``isolate_users`` is
+  ``no`` (:mod:`labfleet_spawner.isolation`) --
   each in a PID namespace of its own, so that nothing it starts outlives it,
   its cancel or its time limit (:mod:`.local_proc`).
 - **Files**: the service never writes into a job's folder by name nor reads
@@ -55,7 +57,7 @@ import time
 from pathlib import Path
 
 from labfleet_hub.posix_ids import HubIds
-from labfleet_spawner import accounts
+from labfleet_spawner import accounts, isolation
 from labfleet_spawner.catalogue import parse_quantity
 from labfleet_spawner.devices import (
     DeviceAllocator,
@@ -123,6 +125,8 @@ class LocalBackend(RestoreMixin):
         allocator: DeviceAllocator | None = None,
         hub_ids: HubIds | None = None,
         isolate: bool | None = None,
+        isolate_users: str = "auto",
+        allow_root: bool = False,
         uid_base: int = DEFAULT_UID_BASE,
         gid_base: int = DEFAULT_GID_BASE,
         kill_grace: float = 5.0,
@@ -157,8 +161,22 @@ class LocalBackend(RestoreMixin):
         if accounts_dir and library:
             self.accounts = accounts.AccountsRegistry(accounts_dir)
         self.nss_env = accounts.nss_env(accounts_dir, library) if self.accounts else {}
-        # Isolation needs root and the hub's ids; otherwise jobs run as the service.
-        self.isolate = (os.geteuid() == 0 and hub_ids is not None) if isolate is None else isolate
+        # Isolation needs root and the hub's ids. isolate None: decided by isolate_users,
+        # failing closed: when it is needed and impossible, every job is refused with
+        # self.refusal (never run as the service's user, root or not). True/False: as
+        # given (tests, embedding).
+        self.refusal = ""
+        if isolate is None:
+            try:
+                isolate = isolation.decide(
+                    isolate_users, uid=os.geteuid(), can_isolate=hub_ids is not None,
+                    why_not="the batch service does not read the users' ids from the hub "
+                    "(BatchService.job_ids_from_hub)", allow_root=allow_root, what="batch jobs",
+                )  # fmt: skip
+            except isolation.IsolationRefused as e:
+                isolate, self.refusal = False, str(e)
+                log.error("Every batch job is refused: %s", e)
+        self.isolate = isolate
         self.uid_base, self.gid_base = uid_base, gid_base
         # jobs of other users run in PID namespaces of their own (local_proc): required
         self.tools = local_proc.containment_tools() if self.isolate else None
@@ -201,6 +219,8 @@ class LocalBackend(RestoreMixin):
     # -- API -----------------------------------------------------------------------------
 
     async def submit(self, request: BatchRequest, user: str) -> JobRecord:
+        if self.refusal:  # nothing is created
+            raise isolation.IsolationRefused(self.refusal)
         name = jobbuilder.new_job_name(request.name)
         layout = await self._layout(user, request.group)
         sel = request.selection
@@ -405,7 +425,8 @@ class LocalBackend(RestoreMixin):
             self._retry.cancel()
             self._retry = None
         for job in self._waiting():
-            why = self._fits(job)
+            # restored waiting jobs too: none starts where jobs are refused
+            why = self.refusal or self._fits(job)
             if not why and job.request.selection.accelerator is not None:
                 sel = job.request.selection
                 try:

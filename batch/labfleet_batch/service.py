@@ -39,6 +39,7 @@ from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 from labfleet_hub.procs import stop_event
 from labfleet_hub.service_page import HubNav
 from labfleet_spawner.catalogue import Catalogue, load_catalogue
+from labfleet_spawner.isolation import IsolationRefused
 from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 from tornado import httpserver, web
 from tornado.ioloop import IOLoop
@@ -211,7 +212,7 @@ class JobsHandler(BaseHandler):
         decision = await self.check_budget(request)
         try:
             record = await self.ctx.backend.submit(request, self.caller.name)
-        except HubIdsUnavailable as e:
+        except (HubIdsUnavailable, IsolationRefused) as e:
             # nothing was created: the Job would otherwise run as the wrong user
             raise web.HTTPError(503, "%s", str(e)) from None
         except RequestError as e:  # what the backend found in the way (e.g. the job folder)
@@ -446,6 +447,22 @@ class BatchService(Application):
         local jobs run as the service itself. Local jobs change uid only when the
         service runs as root.""",
     )
+    isolate_users = Enum(
+        ("auto", "yes", "no"),
+        default_value="auto",
+        config=True,
+        help="""Local backend, as the spawner's ``isolate_users``: "auto" and "yes" run
+        each job under its owner's mapped uid, which needs a root service and
+        ``job_ids_from_hub``; without them every job is refused (HTTP 503, saying why),
+        never run as the service's own user. "no": a single-user installation, jobs run
+        as the service's user (if root, only with ``allow_root_jobs``).""",
+    )
+    allow_root_jobs = Bool(
+        False,
+        config=True,
+        help="""Local backend with ``isolate_users`` "no" and a service running as root:
+        accept that jobs run as root (the spawner's ``allow_root_notebooks``).""",
+    )
     fpga_devices = Dict(
         {}, config=True, help="Local backend: FPGA boards per accelerator, as the spawner's."
     )
@@ -570,6 +587,8 @@ class BatchService(Application):
             self.storage_root,
             allocator=allocator,
             hub_ids=self.hub_ids(),
+            isolate_users=self.isolate_users,
+            allow_root=self.allow_root_jobs,
             uid_base=self.uid_base,
             gid_base=self.gid_base,
             store=JobStore(self.state_dir) if self.state_dir else None,

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "storage_root": ".labfleet/storage",
         "start_timeout": 120,
         "isolate_users": "auto",
+        "allow_root_notebooks": False,
         "namespace": "labfleet",
         "unavailable_profiles": "collapse",
         "jupyter_news": "never",
@@ -316,6 +317,7 @@ def apply_config(values: dict, c) -> None:
         s.storage_root = spawner["storage_root"]
         s.accounts_dir = str(accounts_dir(values))
         s.isolate_users = {"auto": "auto", "yes": True, "no": False}[spawner["isolate_users"]]
+        s.allow_root_notebooks = spawner["allow_root_notebooks"]
         # the single-user server of this very environment, found without PATH
         s.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         s.default_url = "/lab"
@@ -488,9 +490,13 @@ def batch_command(values: dict) -> list[str]:
             f"--BatchService.device_claims_path={device_claims_path(values)}",
             f"--BatchService.accounts_dir={accounts_dir(values)}",
         ]
-        # the hub's user and group ids give jobs the notebooks' uids (when root)
+        # the hub's user and group ids give jobs the notebooks' uids (when root); as
+        # notebooks, jobs are refused where they cannot be isolated (unless "no")
+        command.append(f"--BatchService.isolate_users={spawner['isolate_users']}")
         if spawner["isolate_users"] != "no":
             command.append("--BatchService.job_ids_from_hub=True")
+        elif spawner["allow_root_notebooks"]:
+            command.append("--BatchService.allow_root_jobs=True")
         # jobs' usage into the spool the accounting service ingests, as the notebooks'
         # (on Kubernetes the accounting service sees the Jobs' pods itself)
         if values["accounting"]["enabled"]:

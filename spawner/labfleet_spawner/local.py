@@ -14,10 +14,11 @@
   profiles). This is cooperative, not enforced: a local process can still
   open any ``/dev/nvidia*``. Use the Kubernetes spawner where users must not
   be able to reach each other's GPUs;
-- storage under ``storage_root`` (see :mod:`labfleet_spawner.storage`) and,
-  when the hub runs as root, the server running as a uid/gid mapped from the
-  hub database (no ``/etc/passwd`` entries needed), with the user's hub
-  groups as supplementary groups;
+- storage under ``storage_root`` (see :mod:`labfleet_spawner.storage`) and
+  the server running as a uid/gid mapped from the hub database (no
+  ``/etc/passwd`` entries needed), with the user's hub groups as supplementary
+  groups. That needs a root hub; without one spawns are refused unless
+  ``isolate_users`` is False (see :mod:`labfleet_spawner.isolation`);
 - an environment scrubbed of secrets other than the server's own API token.
 
 CPU and memory of the chosen size are advisory here: they are published
@@ -41,7 +42,7 @@ from jupyterhub.spawner import LocalProcessSpawner
 from labfleet_accounting.spool import STATE_START as STATE_ACCOUNTING_START
 from labfleet_accounting.spool import SpoolHook
 from tornado import web
-from traitlets import Any, Dict, Enum, Float, Instance, Integer, List, Unicode, default
+from traitlets import Any, Bool, Dict, Enum, Float, Instance, Integer, List, Unicode, default
 
 from . import accounts, terminal
 from .base import CatalogueSpawnerMixin
@@ -52,6 +53,7 @@ from .devices import (
     NoFreeDevice,
     cuda_visible_devices,
 )
+from .isolation import IsolationRefused, decide
 from .lab_settings import LabSettingsMixin
 from .nvml import discover
 from .storage import (
@@ -138,6 +140,8 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
     # spawner instance (each user's server has its own instance).
     _shared_allocator: ClassVar[DeviceAllocator | None] = None
     _isolation_probes: ClassVar[dict[tuple[str, int, int], bool]] = {}
+    _isolation_probe_failures: ClassVar[dict[tuple[str, int, int], str]] = {}
+    _logged_unisolated: ClassVar[bool] = False
     _warned_no_nss_wrapper: ClassVar[bool] = False
 
     storage_root = Unicode(
@@ -174,11 +178,21 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
         config=True,
         help="""Run each notebook as its mapped uid/gid instead of as the hub's user.
 
-        "auto": when the hub runs as root and this Python can be run by an
-        unprivileged uid (checked once per process). True: required; a spawn
-        fails if the hub is not root. False: never (a root hub then starts
-        notebooks as root, with ``--allow-root``; use only on a one-person machine).
+        "auto" and True: always; when that is impossible (the hub is not root, or an
+        unprivileged uid cannot run this Python, checked once per process) the spawn
+        is refused with HTTP 500 and a message saying why, and nothing runs as the
+        hub's user instead (see :mod:`labfleet_spawner.isolation`). False: never, for a
+        single-user installation: notebooks run as the hub's user; a root hub then
+        also needs ``allow_root_notebooks`` (notebooks run as root, ``--allow-root``).
         """,
+    )
+
+    allow_root_notebooks = Bool(
+        False,
+        config=True,
+        help="""With ``isolate_users`` False and a hub running as root: accept that
+        notebooks run as root (jupyter-server's ``--allow-root``). Without it such a
+        spawn is refused. Only for a one-person machine.""",
     )
 
     isolation_probe_timeout = Float(
@@ -450,19 +464,32 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
         )
 
     async def _should_isolate(self) -> bool:
-        if self.isolate_users is False:
-            return False
-        is_root = os.geteuid() == 0
-        if self.isolate_users is True:
-            if not is_root:
-                raise _http_error(
-                    500,
-                    "isolate_users is True but the hub does not run as root; "
-                    "run the hub as root or set isolate_users to 'auto'",
-                    reason="Cannot isolate users",
-                )
-            return True
-        return is_root and await self._python_usable_unprivileged()
+        """Isolate, or run as the hub's user only when ``isolate_users`` is False (and,
+        for a root hub, ``allow_root_notebooks``); anything else is refused (HTTP 500)."""
+        uid = os.geteuid()
+        mode = {True: "yes", False: "no"}.get(self.isolate_users, "auto")
+        can_isolate, why_not = True, ""
+        if uid == 0 and mode != "no":
+            can_isolate = await self._python_usable_unprivileged()
+            key = (sys.executable, self.uid_base, self.gid_base)
+            why_not = LocalGPUSpawner._isolation_probe_failures.get(key, "")
+        try:
+            isolate = decide(
+                mode, uid=uid, can_isolate=can_isolate, why_not=why_not,
+                allow_root=self.allow_root_notebooks, what="notebooks",
+            )  # fmt: skip
+        except IsolationRefused as e:
+            self.log.error("Not starting the server of %s: %s", self._log_name, e)
+            raise _http_error(500, str(e), reason="Cannot isolate users") from None
+        if not isolate and not LocalGPUSpawner._logged_unisolated:
+            LocalGPUSpawner._logged_unisolated = True
+            self.log.warning(
+                "isolate_users is False (a single-user installation): every notebook runs "
+                "as the hub's own uid %d%s",
+                uid,
+                ", root, with --allow-root (allow_root_notebooks)" if uid == 0 else "",
+            )
+        return isolate
 
     async def _python_usable_unprivileged(self) -> bool:
         """Can a uid with no privileges run this Python? Checked once per process."""
@@ -489,13 +516,13 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
             if ok:
                 self.log.info("Notebooks run as mapped uids (from %d)", self.uid_base + 1)
             else:
-                self.log.warning(
-                    "Not isolating users: uid %d cannot run %s (%s); notebooks run as root. "
-                    "Install Python where every user can read it, or set isolate_users=False "
-                    "to silence this.",
-                    self.uid_base,
-                    sys.executable,
-                    detail or "no detail",
+                why = f"uid {self.uid_base} cannot run {sys.executable} ({detail or 'no detail'})"
+                LocalGPUSpawner._isolation_probe_failures[key] = why
+                self.log.error(
+                    "Notebooks cannot be isolated: %s. Every spawn is refused until this "
+                    "Python is readable by every uid (or isolate_users is False on a "
+                    "single-user installation).",
+                    why,
                 )
         return cache[key]
 
@@ -574,8 +601,14 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
 
     def get_args(self):
         args = list(super().get_args())
-        # jupyter-server refuses to run as root without it.
-        if os.geteuid() == 0 and not self.isolated and "--allow-root" not in args:
+        # jupyter-server refuses to run as root without it; given only when the admin
+        # accepted root notebooks (_should_isolate refuses the start otherwise)
+        if (
+            os.geteuid() == 0
+            and not self.isolated
+            and self.allow_root_notebooks
+            and "--allow-root" not in args
+        ):
             args.append("--allow-root")
         if self.terminal_shell:
             args.append(terminal.server_arg(self.terminal_shell))

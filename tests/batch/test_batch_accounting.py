@@ -81,6 +81,9 @@ def accounted_service(hub, tmp_path):
         f"c.BatchService.state_dir = {str(tmp_path / 'state')!r}\n"
         f"c.BatchService.accounting_spool = {str(spool)!r}\n"
         "c.BatchService.limits = {'min_run_time': 1}\n"
+        # jobs as the test's own user, without hub ids: said explicitly (as root, too)
+        "c.BatchService.isolate_users = 'no'\n"
+        "c.BatchService.allow_root_jobs = True\n"
     )
     svc = Service(hub, tmp_path)
     svc.groups, svc.spool = groups, spool

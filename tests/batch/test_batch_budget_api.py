@@ -31,6 +31,7 @@ async def service(hub, qconfig, storage_root, checker):
         qconfig,
         str(storage_root),
         allocator=DeviceAllocator([GpuDevice(0, "GPU-fake-t4-0", "Tesla T4")]),
+        isolate=False,  # jobs as the test's own user, chosen explicitly
         kill_grace=1,
     )
     ctx = make_context(

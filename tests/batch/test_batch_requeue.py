@@ -110,7 +110,7 @@ async def test_waiting_jobs_are_queued_again_checked_against_the_new_configurati
         "ml": {"cpu": 0.5, "memory": "8Gi", "accelerators": {"t4": 1}},
         "gone": {"cpu": 0.5, "memory": "8Gi"},
     })  # fmt: skip
-    first = LocalBackend(config1, storage, store=JobStore(state))
+    first = LocalBackend(config1, storage, store=JobStore(state), isolate=False)
     groups = ["gone", "ml"]
 
     async def submit(**fields):
@@ -136,7 +136,7 @@ async def test_waiting_jobs_are_queued_again_checked_against_the_new_configurati
     # -- second lifetime: cpu-extra left the catalogue, "gone" the queues, t4 ml's quota
     cat2 = catalogue(extra_profile=False)
     config2 = queues(cat2, {"ml": {"cpu": 8, "memory": "8Gi", "max_running": 1}})
-    second = LocalBackend(config2, storage, store=JobStore(state), poll_interval=0.2)
+    second = LocalBackend(config2, storage, store=JobStore(state), poll_interval=0.2, isolate=False)
     try:
         assert await second.restore(cat2, LIMITS) == 6
         now = {r.display_name: r for r in await second.list_jobs(["ml", "gone"])}
@@ -174,7 +174,7 @@ async def test_old_rows_keep_the_old_message_and_nothing_starts_before_all_rows_
     storage, state = dirs
     cat = catalogue(extra_profile=False)
     config1 = queues(cat, {"ml": {"cpu": 0.5, "memory": "8Gi"}})
-    first = LocalBackend(config1, storage, store=JobStore(state))
+    first = LocalBackend(config1, storage, store=JobStore(state), isolate=False)
     waiting = await first.submit(validated(cat, config1, ["ml"], script="echo waited"), USER)
     # a row as an earlier version wrote it: waiting, no request
     old = JobRecord(name="old-1", group="ml", user=USER, state=QUEUED, workdir=str(tmp_path))
@@ -194,7 +194,9 @@ async def test_old_rows_keep_the_old_message_and_nothing_starts_before_all_rows_
         first.store.close()
 
         config2 = queues(cat, {"ml": {"cpu": 8, "memory": "8Gi", "max_running": 1}})
-        second = LocalBackend(config2, storage, store=JobStore(state), poll_interval=0.2)
+        second = LocalBackend(
+            config2, storage, store=JobStore(state), poll_interval=0.2, isolate=False
+        )
         try:
             assert await second.restore(cat, LIMITS) == 3
             old_now = await second.get("ml", "old-1")

@@ -124,6 +124,9 @@ def service(hub, tmp_path):
         f"c.BatchService.storage_root = {str(storage)!r}\n"
         f"c.BatchService.state_dir = {str(tmp_path / 'state')!r}\n"
         "c.BatchService.limits = {'min_run_time': 1}\n"
+        # jobs as the test's own user, without hub ids: said explicitly (as root, too)
+        "c.BatchService.isolate_users = 'no'\n"
+        "c.BatchService.allow_root_jobs = True\n"
     )
     svc = Service(hub, tmp_path)
     svc.group = group
@@ -255,7 +258,7 @@ from tests.batch.test_batch_restart import claims_queue_config, t4_devices
 async def main(storage, state, claims):
     catalogue, config = claims_queue_config()
     backend = LocalBackend(config, storage, allocator=t4_devices(), store=JobStore(state),
-                           device_claims_path=claims)
+                           device_claims_path=claims, isolate=False)
     request = validate_request(
         {"name": "keep", "script": "echo $$ > main.pid; sleep 60", "accelerator": "t4"},
         catalogue=catalogue, user_groups=["ml"], queue_groups=config.covered_accelerators(),
@@ -317,7 +320,7 @@ async def test_restarted_backend_keeps_its_jobs_claims_and_drops_only_its_stale_
 
         backend = LocalBackend(
             config, str(storage), allocator=t4_devices(), store=JobStore(state),
-            device_claims_path=str(claims), poll_interval=0.2,
+            device_claims_path=str(claims), poll_interval=0.2, isolate=False,
         )  # fmt: skip
         assert await backend.restore() == 1
         restored = await backend.get("ml", job["name"])

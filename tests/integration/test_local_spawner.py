@@ -81,6 +81,8 @@ def machine() -> DeviceAllocator:
 def spawner_for(tmp_path, allocator, user=None, **kwargs):
     kwargs.setdefault("cmd", [sys.executable, "-c", PROBE])
     kwargs.setdefault("isolate_users", False)
+    # a root test run: the single-user installation's explicit acknowledgement
+    kwargs.setdefault("allow_root_notebooks", True)
     return LocalGPUSpawner(
         user=user or fake_user(),
         hub=Hub(ip="127.0.0.1", port=free_port(), base_url="/hub/"),
@@ -214,7 +216,11 @@ async def test_isolation_probe_is_cached(tmp_path):
     spawner = spawner_for(tmp_path, machine(), isolate_users="auto")
     first = await spawner._python_usable_unprivileged()
     assert isinstance(first, bool)
-    assert await spawner._should_isolate() is first
+    if first:
+        assert await spawner._should_isolate() is True
+    else:  # never a fallback to root notebooks
+        with pytest.raises(web.HTTPError, match="cannot run"):
+            await spawner._should_isolate()
     assert len(LocalGPUSpawner._isolation_probes) == 1
 
 

@@ -47,6 +47,7 @@ def make(tmp_path, hook, allocator=None):
         storage_root=str(tmp_path / "srv"),
         device_allocator=allocator,
         isolate_users=False,
+        allow_root_notebooks=True,  # when the tests run as root
         accounting_hook=hook,
         user_options={"profile": "gpu-t4"},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +48,8 @@ def _no_shared_allocator():
 
 def make_spawner(tmp_path, allocator=None, user=None, **kwargs):
     kwargs.setdefault("isolate_users", False)
+    # a root test run: the single-user installation's explicit acknowledgement
+    kwargs.setdefault("allow_root_notebooks", True)
     return LocalGPUSpawner(
         user=user or fake_user(),
         hub=Hub(),
@@ -234,12 +237,81 @@ async def test_allow_root_only_when_not_isolated(tmp_path):
     assert spawner.get_args() == ["--debug"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="--allow-root is only added for a root hub")
+def test_no_allow_root_without_the_acknowledgement(tmp_path):
+    spawner = make_spawner(tmp_path, two_t4(), args=["--debug"], allow_root_notebooks=False)
+    spawner.terminal_shell = []
+    spawner.isolated = False
+    assert spawner.get_args() == ["--debug"]
+
+
 async def test_isolation_required_but_not_root(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     spawner = make_spawner(tmp_path, two_t4(), isolate_users=True)
-    with pytest.raises(web.HTTPError, match="does not run as root"):
+    with pytest.raises(web.HTTPError, match="not root"):
         await spawner._should_isolate()
-    spawner.isolate_users = "auto"
+
+
+async def test_auto_refuses_a_hub_that_is_not_root(tmp_path, monkeypatch):
+    # issue 10: "auto" used to run every user's notebook as the hub's own user, silently
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    spawner = make_spawner(tmp_path, two_t4(), isolate_users="auto")
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner._should_isolate()
+    assert refused.value.status_code == 500
+    message = refused.value.jupyterhub_message
+    assert "runs as uid 1000, not root" in message
+    assert "Run labfleet as root" in message and "spawner.isolate_users: no" in message
+
+
+async def test_auto_refuses_a_root_hub_whose_python_check_fails(tmp_path, monkeypatch):
+    # issue 10: a root hub whose probe failed used to run notebooks as root (--allow-root)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    spawner = make_spawner(tmp_path, two_t4(), isolate_users="auto", allow_root_notebooks=False)
+    key = (sys.executable, spawner.uid_base, spawner.gid_base)
+    monkeypatch.setitem(LocalGPUSpawner._isolation_probes, key, False)
+    monkeypatch.setitem(
+        LocalGPUSpawner._isolation_probe_failures, key, "uid 100000 cannot run python (EACCES)"
+    )
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner._should_isolate()
+    assert refused.value.status_code == 500
+    message = refused.value.jupyterhub_message
+    assert "uid 100000 cannot run python (EACCES)" in message
+    assert "Nothing runs as root instead" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the probe drops to another uid")
+async def test_real_probe_failure_refuses_the_start(tmp_path, monkeypatch):
+    # a Python only root can reach: the probe (as uid_base) fails, the start is refused
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    python = private / "python3"
+    python.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(python))
+    spawner = make_spawner(
+        tmp_path, two_t4(), isolate_users="auto", allow_root_notebooks=False, uid_base=210000
+    )
+    spawner.apply_selection({"profile": "cpu"})
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.start()
+    assert "uid 210000 cannot run" in refused.value.jupyterhub_message
+    assert spawner.devices == [] and spawner.proc is None
+
+
+async def test_no_runs_as_the_hub_user(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    spawner = make_spawner(tmp_path, two_t4(), isolate_users=False, allow_root_notebooks=False)
+    assert await spawner._should_isolate() is False
+
+
+async def test_no_on_a_root_hub_needs_the_acknowledgement(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    spawner = make_spawner(tmp_path, two_t4(), isolate_users=False, allow_root_notebooks=False)
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner._should_isolate()
+    assert "spawner.allow_root_notebooks: true" in refused.value.jupyterhub_message
+    spawner.allow_root_notebooks = True
     assert await spawner._should_isolate() is False
 
 
