@@ -35,11 +35,16 @@ def step(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def demo_accounts(accounts_path: str) -> list[tuple[str, str, list[str]]]:
+def demo_accounts(accounts_path: str, withheld=()) -> list[tuple[str, str, list[str]]]:
+    """The accounts' names, passwords and groups as the development IdP gives them:
+    without the ``withheld`` groups (:func:`.configurer.devidp_withheld_groups`)."""
     data = yaml.safe_load(Path(accounts_path).read_text()) or {}
+    hidden = {g.lstrip("/") for g in withheld}
     return [
-        (u["username"], u.get("password", ""), u.get("groups", [])) for u in data.get("users", [])
-    ]
+        (u["username"], u.get("password", ""),
+         [g for g in u.get("groups", []) if g.lstrip("/") not in hidden])
+        for u in data.get("users", [])
+    ]  # fmt: skip
 
 
 def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120) -> bool:
@@ -166,10 +171,14 @@ def cmd_up(args) -> int:
     }
 
     idp = None
+    withheld: list[str] = []
     if values["devidp"]["enabled"]:
         from . import devidp
+        from .configurer import devidp_withheld_groups
 
         step("starting the development identity provider")
+        # no demo account is a hub admin unless devidp.demo_admin asks for one
+        withheld = devidp_withheld_groups(values)
         devidp.ensure_installed()
         idp = devidp.start(
             port=values["devidp"]["port"],
@@ -185,6 +194,7 @@ def cmd_up(args) -> int:
                 }
             ],
             log_path=log_dir / "devidp.log",
+            withhold_groups=withheld,
         )
 
     config_file = str(resources.files(__package__).joinpath("jupyterhub_config.py"))
@@ -225,8 +235,13 @@ def cmd_up(args) -> int:
         print(f"labfleet is up: {hub['public_url']}{hub['base_url']}")
         if values["devidp"]["enabled"]:
             print("Demo accounts (development identity provider, NOT for production):")
-            for name, password, groups in demo_accounts(values["devidp"]["accounts"]):
+            for name, password, groups in demo_accounts(values["devidp"]["accounts"], withheld):
                 print(f"  {name:10} password {password:14} groups {', '.join(groups)}")
+            if withheld:
+                print(
+                    f"  (nobody is in {', '.join(withheld)}: no demo account is a hub admin; "
+                    "devidp.demo_admin: true gives the accounts file's admins)"
+                )
         print("Press Ctrl-C to stop.", flush=True)
         return hub_process.wait()
     except KeyboardInterrupt:

@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "unavailable_profiles": "collapse",
         "jupyter_news": "never",
     },
-    "devidp": {"enabled": False, "port": 8900, "accounts": "accounts.yaml"},
+    "devidp": {"enabled": False, "port": 8900, "accounts": "accounts.yaml", "demo_admin": False},
     "proxy": {"api_port": 8001, "command": []},
     "accounting": {
         "enabled": False,
@@ -137,7 +137,8 @@ def parse_values(data: Any, source: str, base_dir: Path) -> dict:
             values[section][key] = str((base_dir / values[section][key]).resolve())
     values["catalogue"] = str((base_dir / values["catalogue"]).resolve())
     hub = values["hub"]
-    hub.setdefault("public_url", f"http://{hub['ip']}:{hub['port']}")
+    host = f"[{hub['ip']}]" if ":" in hub["ip"] else hub["ip"]  # an IPv6 address
+    hub.setdefault("public_url", f"http://{host}:{hub['port']}")
     hub["public_url"] = hub["public_url"].rstrip("/")
     if not hub["db_url"]:
         hub["db_url"] = f"sqlite:///{Path(hub['state_dir']) / 'jupyterhub.sqlite'}"
@@ -183,6 +184,8 @@ def load_values(path: str | os.PathLike) -> dict:
         raise ConfigError(
             f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}"
         )
+    if values["devidp"]["enabled"]:
+        check_devidp(values, str(path))
     return values
 
 
@@ -202,6 +205,69 @@ def _check_batch(values: dict, path: Path) -> None:
             f"{path}: field batch.budgets.enabled: budgets are read from the accounting "
             "database; enable accounting too"
         )
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (the only places the development IdP may serve)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_devidp(values: dict, source: str) -> None:
+    """The development IdP's demo accounts have public passwords: refuse it where anyone
+    but this machine could reach the hub, and next to any issuer but its own."""
+    from urllib.parse import urlsplit
+
+    hub, iam, port = values["hub"], values["iam"], values["devidp"]["port"]
+    why = (
+        "the development identity provider (devidp.enabled) logs anyone in with the "
+        "public demo passwords, so it runs only with a hub that only this machine reaches"
+    )
+    if not is_loopback_host(hub["ip"]):
+        raise ConfigError(
+            f"{source}: field hub.ip: {hub['ip']!r} is not a loopback address (127.0.0.0/8, "
+            f"::1, localhost) while devidp.enabled is true: {why}. To serve a network, use "
+            "a real identity provider (iam.issuer) and devidp.enabled: false"
+        )
+    if not is_loopback_host(urlsplit(hub["public_url"]).hostname or ""):
+        raise ConfigError(
+            f"{source}: field hub.public_url: {hub['public_url']!r} is not a loopback "
+            f"address while devidp.enabled is true: {why}"
+        )
+    issuer = urlsplit(iam["issuer"])
+    try:
+        issuer_port = issuer.port
+    except ValueError:
+        issuer_port = None
+    own = (
+        issuer.scheme == "http"
+        and is_loopback_host(issuer.hostname or "")
+        and issuer_port == port
+        and issuer.path in ("", "/")
+        and not (issuer.query or issuer.fragment or issuer.username)
+    )
+    if not own:
+        raise ConfigError(
+            f"{source}: field iam.issuer: {iam['issuer']!r} is not the development identity "
+            f"provider's own URL (http://127.0.0.1:{port}/, from devidp.port) while "
+            "devidp.enabled is true: a hub that trusts another issuer must not run the "
+            "development one too. Set devidp.enabled: false to use a real issuer"
+        )
+
+
+def devidp_withheld_groups(values: dict) -> list[str]:
+    """IAM groups the development IdP gives nobody: those that make hub admins
+    (``iam.admin_groups`` under ``iam.group_prefix``), unless ``devidp.demo_admin``."""
+    if values["devidp"]["demo_admin"]:
+        return []
+    prefix = values["iam"]["group_prefix"]
+    return sorted(f"{prefix}{group}" for group in values["iam"]["admin_groups"])
 
 
 def _free_loopback_port() -> int:

@@ -99,7 +99,10 @@ def write_config(config_dir: Path, issuer: str | None = None, idp: bool = True) 
     values = yaml.safe_load((ROOT / "config" / "labfleet.yaml").read_text())
     values["hub"].update(port=hub_port, hub_port=free_port(), state_dir="state")
     values["proxy"] = {"api_port": free_port()}
-    values["devidp"] = {"enabled": idp, "port": idp_port, "accounts": "accounts.yaml"}
+    # carol is a hub admin here only because the tests ask for it (devidp.demo_admin)
+    values["devidp"] = {
+        "enabled": idp, "port": idp_port, "accounts": "accounts.yaml", "demo_admin": True,
+    }  # fmt: skip
     values["iam"]["issuer"] = issuer or f"http://127.0.0.1:{idp_port}/"
     # pytest's tmp dirs are mode 0700: notebooks running under their users' own
     # uids could not reach their homes there, so storage lives in a 0755 dir

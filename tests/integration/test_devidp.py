@@ -472,6 +472,31 @@ def test_group_change_in_accounts_file_shows_at_refresh_and_login(tmp_path):
     assert server.process.poll() is not None
 
 
+def test_withheld_groups_are_given_to_nobody(tmp_path):
+    accounts = tmp_path / "accounts.yaml"
+    text = ACCOUNTS.read_text()
+    assert "groups: [ai-infn/users, ai-infn/admins, ai-infn/ml]" in text  # carol's
+    # written either way, the withheld group reaches no claim
+    accounts.write_text(
+        text.replace("[ai-infn/users, ai-infn/cms]", "[ai-infn/users, /ai-infn/admins]")
+    )
+    server = _start(tmp_path, accounts, withhold_groups=["ai-infn/admins"])
+    try:
+        assert "withheld: ai-infn/admins" in server.log_tail(100)
+        for name, groups in (
+            ("carol", ["ai-infn/users", "ai-infn/ml"]),
+            ("bob", ["ai-infn/users"]),
+        ):
+            code, verifier, _ = login(server, name, f"{name}-pass")
+            tokens = exchange(server, code, verifier)
+            info = userinfo(server, tokens["access_token"])
+            assert info["groups"] == groups
+            assert info["wlcg.groups"] == [f"/{g}" for g in groups]
+            assert _jwt_claims(tokens["id_token"])["groups"] == groups
+    finally:
+        server.stop()
+
+
 def test_state_dir_keeps_refresh_tokens_across_restart(tmp_path):
     accounts = tmp_path / "accounts.yaml"
     shutil.copy(ACCOUNTS, accounts)

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 from labfleet_hub.authenticator import IAMAuthenticator, IdentityProviderUnavailable
+from labfleet_hub.configurer import devidp_withheld_groups, load_values
 from labfleet_hub.refusal import LoginRefused
 from tornado import web
 
@@ -103,6 +104,30 @@ async def test_login_maps_groups_and_admin(idp):
     model = await login(auth, idp, "mallory")
     assert model["groups"] == []
     assert not await auth.check_allowed("mallory", model)
+
+
+async def test_bundled_configuration_makes_no_demo_admin(tmp_path):
+    # issue 10: carol (a public demo password) was a hub admin in the default configuration
+    values = load_values(flow.REPO / "config" / "labfleet.yaml")
+    assert values["devidp"]["enabled"] and not values["devidp"]["demo_admin"]
+    withheld = devidp_withheld_groups(values)
+    assert withheld == ["ai-infn/admins"]
+    accounts = tmp_path / "accounts.yaml"
+    shutil.copy(flow.ACCOUNTS, accounts)
+    server = flow._start(tmp_path, accounts, withhold_groups=withheld)
+    try:
+        assert values["iam"]["admin_groups"] == ["admins"]  # as make_authenticator's
+        auth = make_authenticator(server.issuer)
+        model = await login(auth, server, "carol")
+        assert set(model["groups"]) == {"users", "ml"}
+        # False, not None: a carol who was an admin before is no longer one
+        assert model["admin"] is False
+    finally:
+        server.stop()
+    # asked for explicitly: carol is the accounts file's admin again
+    assert (
+        devidp_withheld_groups({**values, "devidp": {**values["devidp"], "demo_admin": True}}) == []
+    )
 
 
 async def test_refused_login_says_which_groups_are_allowed_and_whom_to_ask(idp):

@@ -7,6 +7,7 @@ import yaml
 from labfleet_hub.configurer import (
     ConfigError,
     apply_config,
+    devidp_withheld_groups,
     ensure_secrets,
     load_values,
     parse_values,
@@ -113,3 +114,40 @@ def test_spawn_form_settings_reach_both_spawners(config_dir):
     c = Config()
     apply_config({**parse_values(data, "x.yaml", config_dir), "secrets": secrets}, c)
     assert c.PlatformKubeSpawner.unavailable_profiles == "hide"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d["hub"].update(ip="0.0.0.0"), "field hub.ip: '0.0.0.0'"),
+        (lambda d: d["hub"].update(ip="192.0.2.10"), "field hub.ip: '192.0.2.10'"),
+        (lambda d: d["hub"].update(ip="::"), "field hub.ip: '::'"),
+        (lambda d: d["hub"].update(public_url="http://hub.example.org"), "field hub.public_url"),
+        (lambda d: d["iam"].update(issuer="https://iam.example.org/"), "field iam.issuer"),
+        # the loopback, but not the development IdP's own port or scheme
+        (lambda d: d["iam"].update(issuer="http://127.0.0.1:9999/"), "field iam.issuer"),
+        (lambda d: d["iam"].update(issuer="https://127.0.0.1:8900/"), "field iam.issuer"),
+        (lambda d: d["iam"].update(issuer="http://127.0.0.1:8900/realm"), "field iam.issuer"),
+    ],
+)
+def test_devidp_only_with_a_loopback_hub_and_its_own_issuer(config_dir, change, field):
+    edit(config_dir / "labfleet.yaml", change)
+    with pytest.raises(ConfigError) as info:
+        load_values(config_dir / "labfleet.yaml")
+    assert field in str(info.value) and "devidp.enabled" in str(info.value)
+    # the same configuration with the development IdP off is valid
+    edit(config_dir / "labfleet.yaml", lambda d: d["devidp"].update(enabled=False))
+    load_values(config_dir / "labfleet.yaml")
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_devidp_with_loopback_hub_addresses(config_dir, ip):
+    edit(config_dir / "labfleet.yaml", lambda d: d["hub"].update(ip=ip))
+    load_values(config_dir / "labfleet.yaml")
+
+
+def test_no_demo_admin_unless_asked(config_dir):
+    values = load_values(config_dir / "labfleet.yaml")
+    assert devidp_withheld_groups(values) == ["ai-infn/admins"]
+    edit(config_dir / "labfleet.yaml", lambda d: d["devidp"].update(demo_admin=True))
+    assert devidp_withheld_groups(load_values(config_dir / "labfleet.yaml")) == []

@@ -214,6 +214,7 @@ def server_command(
     access_token_ttl: int | None = None,
     refresh_token_ttl: int | None = None,
     server_file: str = _SERVER_FILE,
+    withhold_groups: Iterable[str] = (),
 ) -> list[str]:
     """The command line that runs the server from ``install_dir``."""
     cmd = [
@@ -236,6 +237,9 @@ def server_command(
         cmd += ["--access-token-ttl", str(int(access_token_ttl))]
     if refresh_token_ttl is not None:
         cmd += ["--refresh-token-ttl", str(int(refresh_token_ttl))]
+    withheld = ",".join(withhold_groups)
+    if withheld:
+        cmd += ["--withhold-groups", withheld]
     return cmd
 
 
@@ -448,6 +452,7 @@ def start(
     refresh_token_ttl: int | None = None,
     node: str | None = None,
     timeout: float = 60,
+    withhold_groups: Iterable[str] = (),
 ) -> DevIdP:
     """Start the development IdP and wait until its discovery document answers.
 
@@ -457,6 +462,8 @@ def start(
     Output goes to ``log_path`` (a temporary file when None; see
     ``DevIdP.log_path``). ``state_dir`` keeps signing keys, sessions and
     refresh tokens across restarts; without it they live in memory.
+    ``withhold_groups``: IAM groups no account gets, whatever the accounts file says
+    (``labfleet up`` withholds the hub's admin groups unless ``devidp.demo_admin``).
 
     Raises :class:`DevIdPError` (with the log tail) when node/npm is missing,
     the configuration is rejected, or the server does not come up in time.
@@ -503,6 +510,7 @@ def start(
         state_dir=Path(state_dir).resolve() if state_dir is not None else None,
         access_token_ttl=access_token_ttl,
         refresh_token_ttl=refresh_token_ttl,
+        withhold_groups=withhold_groups,
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVIDP_")}
     env.setdefault("NODE_ENV", "development")

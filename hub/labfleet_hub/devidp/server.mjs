@@ -11,6 +11,7 @@
 //   node server.mjs --accounts config/accounts.yaml --clients clients.json \
 //        [--host 127.0.0.1] [--port 9080] [--issuer http://127.0.0.1:9080] \
 //        [--state-dir DIR] [--access-token-ttl 3600] [--refresh-token-ttl 2592000]
+//        [--withhold-groups ai-infn/admins,...]
 // Every option can also be given as an environment variable DEVIDP_<NAME>
 // (upper case, dashes as underscores), e.g. DEVIDP_PORT=9080.
 
@@ -48,6 +49,7 @@ function readOptions(argv, env) {
     'access-token-ttl': { type: 'string' },
     'refresh-token-ttl': { type: 'string' },
     'allow-non-loopback': { type: 'boolean' },
+    'withhold-groups': { type: 'string' },
     help: { type: 'boolean', short: 'h' },
   };
   const { values } = parseArgs({ args: argv, options: spec, strict: true });
@@ -56,7 +58,8 @@ function readOptions(argv, env) {
     process.stdout.write(
       'usage: node server.mjs --accounts FILE.yaml [--clients FILE.json] [--host 127.0.0.1]\n'
       + '       [--port 9080] [--issuer URL] [--state-dir DIR]\n'
-      + '       [--access-token-ttl SECONDS] [--refresh-token-ttl SECONDS]\n',
+      + '       [--access-token-ttl SECONDS] [--refresh-token-ttl SECONDS]\n'
+      + '       [--withhold-groups GROUP,...]  (groups no account gets, whatever the file says)\n',
     );
     process.exit(0);
   }
@@ -95,6 +98,9 @@ function readOptions(argv, env) {
     stateDir: get('state-dir') ? path.resolve(get('state-dir')) : undefined,
     accessTokenTtl: parsePositiveInt(get('access-token-ttl') ?? '3600', 'access-token-ttl'),
     refreshTokenTtl: parsePositiveInt(get('refresh-token-ttl') ?? String(30 * 24 * 3600), 'refresh-token-ttl'),
+    // e.g. the groups that make hub admins, unless the demo admin was asked for
+    withheldGroups: new Set((get('withhold-groups') || '').split(',')
+      .map((g) => g.trim().replace(/^\//, '')).filter(Boolean)),
   };
 }
 
@@ -124,7 +130,7 @@ export function subjectFor(username) {
   return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20, 32)}`;
 }
 
-function parseAccounts(text, file) {
+function parseAccounts(text, file, withheld = new Set()) {
   let doc;
   try {
     doc = yaml.load(text, { filename: file });
@@ -159,7 +165,8 @@ function parseAccounts(text, file) {
         throw new ConfigError(`${where} (${username}): "${k}" must be a string`);
       }
     }
-    const groups = [...new Set(groupsIn.map((g) => g.replace(/^\//, '')))];
+    const groups = [...new Set(groupsIn.map((g) => g.replace(/^\//, '')))]
+      .filter((g) => !withheld.has(g));
     const sub = u.sub || subjectFor(username);
     if (bySub.has(sub)) throw new ConfigError(`${where}: duplicate sub ${sub}`);
     const account = {
@@ -177,8 +184,9 @@ function parseAccounts(text, file) {
 }
 
 class AccountStore {
-  constructor(file) {
+  constructor(file, withheld = new Set()) {
     this.file = file;
+    this.withheld = withheld;
     this.stamp = null;
     this.data = null;
     this.reload({ fatal: true });
@@ -203,7 +211,7 @@ class AccountStore {
       } catch (err) {
         throw new ConfigError(`cannot read accounts file ${this.file}: ${err.code || err.message}`);
       }
-      const data = parseAccounts(text, this.file);
+      const data = parseAccounts(text, this.file, this.withheld);
       const first = this.data === null;
       this.data = data;
       this.stamp = stamp;
@@ -666,7 +674,7 @@ async function main() {
   let secrets;
   try {
     opts = readOptions(process.argv.slice(2), process.env);
-    accounts = new AccountStore(opts.accounts);
+    accounts = new AccountStore(opts.accounts, opts.withheldGroups);
     clients = loadClients(opts.clients);
     secrets = loadSecrets(opts.stateDir);
   } catch (err) {
@@ -680,6 +688,7 @@ async function main() {
   const line = '='.repeat(72);
   process.stdout.write(`${line}\n  ${BANNER_TEXT}\n  issuer:   ${opts.issuer}\n`
     + `  accounts: ${opts.accounts} (demo passwords, never use real ones)\n`
+    + (opts.withheldGroups.size ? `  withheld: ${[...opts.withheldGroups].join(', ')} (given to nobody)\n` : '')
     + `  clients:  ${clients.map((c) => c.client_id).join(', ') || '(none)'}\n${line}\n`);
 
   const provider = buildProvider(opts, accounts, clients, secrets);
