@@ -81,7 +81,21 @@ class AccountingApp(Application):
     metrics_token = Unicode(
         "",
         config=True,
-        help="If set, /metrics requires 'Authorization: Bearer <token>' (Prometheus bearer_token).",
+        help="""The bearer token /metrics requires ('Authorization: Bearer <token>', Prometheus'
+        authorization.credentials). Prefer metrics_token_file: a command line is public.""",
+    )
+    metrics_token_file = Unicode(
+        "",
+        config=True,
+        help="""A file holding the bearer token /metrics requires (read at start; ``labfleet
+        up`` generates <state_dir>/secrets/accounting-metrics-token, mode 0600). Without a
+        token /metrics answers nobody (403), unless metrics_public.""",
+    )
+    metrics_public = Bool(
+        False,
+        config=True,
+        help="""Open /metrics to anyone who can reach the service, without a token: every
+        group's usage. Only deliberately (accounting.metrics_public: true).""",
     )
     catalogue_path = Unicode(
         "",
@@ -197,7 +211,13 @@ class ServeApp(AccountingApp):
         )  # fmt: skip
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
         port = self.port or _service_port() or 10101
-        app = make_app(context, hub_auth, prefix, self.metrics_token)
+        app = make_app(
+            context,
+            hub_auth,
+            prefix,
+            self.metrics_token_value(),
+            metrics_public=self.metrics_public,
+        )
         server = app.listen(port, self.ip, xheaders=True)
         self.log.info("Accounting service on http://%s:%d%s", self.ip, port, prefix)
         tasks = []
@@ -210,6 +230,26 @@ class ServeApp(AccountingApp):
         if api is not None:
             await api.close()
         engine.dispose()
+
+    def metrics_token_value(self) -> str:
+        """The metrics token (from metrics_token_file if set); "" keeps /metrics closed."""
+        token = self.metrics_token
+        if self.metrics_token_file:
+            try:
+                with open(self.metrics_token_file) as f:
+                    token = f.read().strip()
+            except OSError as e:
+                self.log.error(
+                    "Metrics closed: cannot read the metrics token %s (%s)",
+                    self.metrics_token_file,
+                    e.strerror,
+                )
+                return ""
+        if self.metrics_public:
+            self.log.warning("/metrics is open to anyone (metrics_public): every group's usage")
+        elif not token:
+            self.log.warning("/metrics answers nobody: no metrics_token_file or metrics_token")
+        return token
 
     async def _kube_client(self):
         from labfleet_hub.kubeclient import api_client

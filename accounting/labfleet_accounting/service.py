@@ -14,7 +14,9 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 - ``PUT  api/budgets/<group>`` (platform admins) ``{"gpu_hours", "period", ...}``
 - ``GET  /`` a page with the caller's usage, charts (inline SVG), totals and the recent
   sessions and jobs, in the hub's layout (:mod:`labfleet_accounting.usage_page`)
-- ``GET  metrics`` Prometheus text (see :mod:`labfleet_accounting.metrics`)
+- ``GET  metrics`` Prometheus text (see :mod:`labfleet_accounting.metrics`), only with
+  ``Authorization: Bearer <metrics token>`` (401 without, 403 with another) unless
+  opened with ``metrics_public``; with neither, closed to everyone (403)
 - ``GET|PUT api/quotas/<group>`` (group and platform admins), ``GET|PUT
   api/quota-caps/<group>`` (PUT: platform admins), ``GET api/audit?group=``,
   ``GET|POST quotas?group=`` the quota page (see :mod:`labfleet_accounting.quotas`)
@@ -23,6 +25,7 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import os
@@ -256,13 +259,36 @@ class PageHandler(BaseHandler):
 
 
 class MetricsHandler(web.RequestHandler):
-    def initialize(self, context: Context, token: str = ""):
+    """Every group's usage: for Prometheus with the metrics token, not for anyone who asks.
+
+    Not hub OAuth: Prometheus sends a static bearer token (``authorization`` /
+    ``bearer_token_file`` in its scrape configuration).
+    """
+
+    def initialize(self, context: Context, token: str = "", public: bool = False):
         self.ctx = context
         self.token = token
+        self.public = public
+
+    def refuse(self, status: int, message: str):
+        self.set_status(status)
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="labfleet-accounting metrics"')
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(message + "\n")
 
     async def get(self):
-        if self.token and self.request.headers.get("Authorization") != f"Bearer {self.token}":
-            raise web.HTTPError(403)
+        if not self.public:
+            if not self.token:
+                return self.refuse(
+                    403, "metrics are closed: the service has no metrics token "
+                    "(AccountingApp.metrics_token_file) and metrics_public is off",
+                )  # fmt: skip
+            scheme, _, credentials = self.request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                return self.refuse(401, "send the metrics token: Authorization: Bearer <token>")
+            if not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
+                return self.refuse(403, "wrong metrics token")
         data = await asyncio.to_thread(generate_latest, self.ctx.registry)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(data)
@@ -286,8 +312,12 @@ def make_app(
     prefix: str = "/",
     metrics_token: str = "",
     cookie_secret=b"",
+    metrics_public: bool = False,
 ):
-    """The tornado application; ``prefix`` is the service prefix (JUPYTERHUB_SERVICE_PREFIX)."""
+    """The tornado application; ``prefix`` is the service prefix (JUPYTERHUB_SERVICE_PREFIX).
+
+    ``metrics`` answers only ``Authorization: Bearer <metrics_token>``; without a token
+    nobody, unless ``metrics_public`` opens it to everyone."""
     # here, not at the top: those handlers subclass BaseHandler from this module
     from .quota_handlers import AuditHandler, QuotaCapsHandler, QuotaHandler, QuotaPageHandler
 
@@ -305,7 +335,7 @@ def make_app(
         (
             url_path_join(prefix, "metrics"),
             MetricsHandler,
-            {"context": context, "token": metrics_token},
+            {"context": context, "token": metrics_token, "public": metrics_public},
         ),
         (url_path_join(prefix, "oauth_callback"), OAuthCallbackHandler, {"hub_auth": hub_auth}),
         (prefix.rstrip("/") + "/?", PageHandler, args),

@@ -86,6 +86,23 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def cmd_prometheus_config(args) -> int:
+    """Print a Prometheus configuration that scrapes the accounting service's metrics."""
+    from .configurer import prometheus_config
+
+    try:
+        values = load_values(args.config)
+    except ConfigError as e:
+        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+        return 1
+    print(
+        "# labfleet accounting metrics (docs/accounting.md). Prometheus must be able to read\n"
+        "# the credentials file (the token `labfleet up` generated), or point it at a copy.",
+    )
+    yaml.safe_dump(prometheus_config(values, args.token_file), sys.stdout, sort_keys=False)
+    return 0
+
+
 def cmd_sync_queues(args) -> int:
     """Apply the batch queue layout to the cluster (or print it with ``--dry-run``)."""
     import asyncio
@@ -265,6 +282,18 @@ def main(argv=None) -> int:
     check = sub.add_parser("check-config", help="validate the platform YAML and its catalogue")
     check.add_argument("--config", default=DEFAULT_CONFIG)
     check.set_defaults(func=cmd_check_config)
+    prom = sub.add_parser(
+        "prometheus-config",
+        help="print a Prometheus scrape configuration for the accounting service's /metrics "
+        "(with the generated bearer token's file)",
+    )
+    prom.add_argument("--config", default=DEFAULT_CONFIG)
+    prom.add_argument(
+        "--token-file",
+        default=None,
+        help="credentials_file to name (default: the generated token in hub.state_dir/secrets)",
+    )
+    prom.set_defaults(func=cmd_prometheus_config)
     sync = sub.add_parser(
         "sync-queues",
         help="Kubernetes mode: apply the batch queue layout (namespaces, Kueue queues, "

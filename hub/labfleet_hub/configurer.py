@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "group_admins": {},
         "mig_weighting": "fraction",
         "log_level": "INFO",
+        "metrics_public": False,
     },
     "batch": {
         "enabled": False,
@@ -283,6 +284,8 @@ def _free_loopback_port() -> int:
 _SECRET_FILES = {
     "client_secret": "iam-client-secret",
     "crypt_key": "auth-state-crypt-key",
+    # the bearer token of the accounting service's /metrics (Prometheus reads the file)
+    "metrics_token": "accounting-metrics-token",
 }
 
 
@@ -442,6 +445,12 @@ def accounting_command(values: dict) -> list[str]:
         f"--AccountingApp.catalogue_path={values['catalogue']}",
         f"--AccountingApp.hub_services={menu_services(values)!r}",
     ]
+    # /metrics: only with the bearer token, read from its file (never on a command
+    # line), unless accounting.metrics_public opens it deliberately
+    if acc["metrics_public"]:
+        command.append("--AccountingApp.metrics_public=True")
+    else:
+        command.append(f"--AccountingApp.metrics_token_file={metrics_token_path(values)}")
     if acc["group_admins"]:
         command.append(f"--AccountingApp.group_admins={json.dumps(acc['group_admins'])}")
     if values["spawner"]["kind"] == "local":
@@ -456,6 +465,38 @@ def accounting_command(values: dict) -> list[str]:
             f"--AccountingApp.queue_name_prefix={prefix}",
         ]
     return command
+
+
+def metrics_token_path(values: dict) -> Path:
+    """The file holding the bearer token of the accounting service's ``/metrics``
+    (created by :func:`ensure_secrets`, mode 0600)."""
+    return _secret_path(values, "metrics_token")
+
+
+def prometheus_config(values: dict, token_file: str | os.PathLike | None = None) -> dict:
+    """A Prometheus configuration that scrapes the accounting service's metrics.
+
+    Through the proxy (``hub.public_url``), as the service's port may be chosen at
+    start; with ``authorization: credentials_file`` (default: the generated token,
+    :func:`metrics_token_path`; Prometheus must be able to read it) unless
+    ``accounting.metrics_public``. ``labfleet prometheus-config`` prints it.
+    """
+    from urllib.parse import urlsplit
+
+    hub = values["hub"]
+    url = urlsplit(
+        f"{hub['public_url']}{hub['base_url'].rstrip('/')}/services/{ACCOUNTING_SERVICE}/metrics"
+    )
+    job: dict[str, Any] = {
+        "job_name": "labfleet-accounting",
+        "scheme": url.scheme,
+        "metrics_path": url.path,
+        "static_configs": [{"targets": [url.netloc]}],
+    }
+    if not values["accounting"]["metrics_public"]:
+        path = token_file if token_file is not None else metrics_token_path(values)
+        job["authorization"] = {"type": "Bearer", "credentials_file": str(path)}
+    return {"scrape_configs": [job]}
 
 
 def menu_services(values: dict) -> list[str]:

@@ -19,6 +19,7 @@ from jupyterhub.services.auth import HubOAuth
 from labfleet_accounting import db
 from labfleet_accounting.budgets import BudgetChecker
 from labfleet_accounting.ledger import Ledger
+from labfleet_accounting.metrics import LedgerMetrics
 from labfleet_accounting.records import Usage
 from labfleet_accounting.reports import Weights, parse_period
 from labfleet_accounting.service import Context, make_app
@@ -203,3 +204,58 @@ async def test_budgets_refuse_values_that_are_not_numbers_of_hours(service):
                                  headers={"Authorization": "token root-token"})  # fmt: skip
             assert r.status_code == 400, (body, r.text)
             assert "gpu_hours" in r.json()["message"]
+
+
+async def metrics_app(fake_hub, tmp_path, **kw):
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    db.upgrade(engine)
+    Ledger(engine).stop(Usage("k8s", "1", MARCH[0], "eve", "ml", "batch", cpu=1.0), MARCH[0] + 60)
+    registry = CollectorRegistry()
+    registry.register(LedgerMetrics(engine, Weights()))
+    hub_auth = HubOAuth(api_url=fake_hub, api_token="service-token", access_scopes={SCOPE},
+                        cache_max_age=0, base_url="/services/accounting/",
+                        hub_prefix="/hub/", login_url="/hub/login")  # fmt: skip
+    context = Context(engine, Weights(), "{group}-admins", {}, BudgetChecker(engine), registry)
+    app = make_app(context, hub_auth, "/services/accounting/", **kw)
+    port = free_port()
+    return app.listen(port, "127.0.0.1"), f"http://127.0.0.1:{port}/services/accounting/metrics"
+
+
+async def test_metrics_need_the_bearer_token(fake_hub, tmp_path):
+    server, url = await metrics_app(fake_hub, tmp_path, metrics_token="the-metrics-token")
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.get(url)  # issue 10: every group's usage, to anyone
+            assert r.status_code == 401 and 'Bearer realm="' in r.headers["WWW-Authenticate"]
+            assert "labfleet_" not in r.text
+            for wrong in ("Bearer wrong", "Bearer the-metrics-tokenX", "Bearer",
+                          "token the-metrics-token", "Basic dGhlLW1ldHJpY3MtdG9rZW4="):  # fmt: skip
+                r = await client.get(url, headers={"Authorization": wrong})
+                assert r.status_code in (401, 403), wrong
+                assert "labfleet_" not in r.text
+            # a hub admin's API token does not open them either
+            r = await client.get(url, headers={"Authorization": "token root-token"})
+            assert r.status_code == 401
+            r = await client.get(url, headers={"Authorization": "Bearer the-metrics-token"})
+            assert r.status_code == 200
+            assert 'labfleet_cpu_core_seconds_total{group="ml",kind="batch"} 60.0' in r.text
+    finally:
+        server.stop()
+
+
+async def test_metrics_without_a_token_are_closed_unless_opened(fake_hub, tmp_path):
+    server, url = await metrics_app(fake_hub, tmp_path)  # no token: nobody
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Bearer x"}):
+                r = await client.get(url, headers=headers)
+                assert r.status_code == 403 and "metrics are closed" in r.text
+    finally:
+        server.stop()
+    server, url = await metrics_app(fake_hub, tmp_path, metrics_public=True)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.get(url)  # opened deliberately
+            assert r.status_code == 200 and "labfleet_cpu_core_seconds_total" in r.text
+    finally:
+        server.stop()

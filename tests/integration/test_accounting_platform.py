@@ -12,6 +12,8 @@ import json
 import re
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 
 from labfleet_accounting.reports import format_hours, nice_ceiling, series_total
 from labfleet_accounting.usage_page import format_duration
@@ -174,3 +176,25 @@ def test_local_server_is_accounted_and_shown_to_the_right_people(platform, brows
     assert platform.hub_groups("bob") == {"users", "cms"}
     assert platform.running_servers("alice") == 0
     alice.context.close()
+
+
+def test_metrics_need_the_generated_token(platform):
+    # issue 10: /services/accounting/metrics answered 200 without credentials, with every
+    # group's usage, to anyone who reached the proxy
+    url = f"{platform.url}{SERVICE}metrics"
+
+    def get(headers=None):
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    status, body = get()
+    assert status == 401 and "labfleet_" not in body
+    status, body = get({"Authorization": "Bearer not-the-token"})
+    assert status == 403 and "labfleet_" not in body
+    token = (platform.state_dir / "secrets" / "accounting-metrics-token").read_text().strip()
+    status, body = get({"Authorization": f"Bearer {token}"})
+    assert status == 200 and "labfleet_running_sessions" in body

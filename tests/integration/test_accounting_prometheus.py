@@ -1,10 +1,14 @@
 """A real Prometheus (Debian's /usr/bin/prometheus) scrapes the accounting service and exporter.
 
 The accounting service runs as the real ``labfleet-accounting serve``
-process on a seeded SQLite ledger, with a metrics bearer token; the GPU
-exporter runs as ``labfleet-accounting gpu-exporter`` (on a machine without
-an NVIDIA driver it exports its error counter only). Prometheus scrapes both
-every second; the test reads the values back through Prometheus's HTTP API.
+process on a seeded SQLite ledger, with its metrics bearer token in a file
+(``metrics_token_file``, as ``labfleet up`` runs it), and Prometheus scrapes it
+with the configuration ``labfleet prometheus-config`` prints
+(``configurer.prometheus_config``: ``authorization.credentials_file``); a job
+without the token and one with a wrong token are refused. The GPU exporter
+runs as ``labfleet-accounting gpu-exporter`` (on a machine without an NVIDIA
+driver it exports its error counter only). Prometheus scrapes both every
+second; the test reads the values back through Prometheus's HTTP API.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import yaml
 from labfleet_accounting import db
 from labfleet_accounting.ledger import Ledger
 from labfleet_accounting.records import Usage
+from labfleet_hub.configurer import prometheus_config
 
 from tests.conftest import free_port
 
@@ -93,10 +98,14 @@ def stack(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     seed(db_url, now)
     service_port, exporter_port, prom_port = free_port(), free_port(), free_port()
+    token_file = tmp_path / "secrets" / "accounting-metrics-token"
+    token_file.parent.mkdir(mode=0o700)
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     processes = []
     service = spawn(
         [sys.executable, "-m", "labfleet_accounting.app", "serve", f"--db-url={db_url}",
-         f"--port={service_port}", f"--AccountingApp.metrics_token={TOKEN}"],
+         f"--port={service_port}", f"--AccountingApp.metrics_token_file={token_file}"],
         tmp_path / "service.log",
         # what the hub gives a managed service; the hub itself is not needed for /metrics
         env={"JUPYTERHUB_API_TOKEN": "unused", "JUPYTERHUB_SERVICE_PREFIX": PREFIX,
@@ -109,19 +118,30 @@ def stack(tmp_path):
         tmp_path / "exporter.log",
     )  # fmt: skip
     processes.append(exporter)
+    # what `labfleet prometheus-config` prints for a hub at this address (the service
+    # itself here, with the service prefix the proxy would route)
+    values = {"hub": {"public_url": f"http://127.0.0.1:{service_port}", "base_url": "/"},
+              "accounting": {"metrics_public": False}}  # fmt: skip
+    [job] = prometheus_config(values, token_file)["scrape_configs"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": str(token_file)}
+    assert job["metrics_path"] == f"{PREFIX}metrics"
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
-            {
-                "job_name": "accounting",
-                "metrics_path": f"{PREFIX}metrics",
-                "authorization": {"credentials": TOKEN},
-                "static_configs": [{"targets": [f"127.0.0.1:{service_port}"]}],
-            },
+            {**job, "job_name": "accounting"},
             {
                 # the same endpoint without the token must be refused (up == 0)
                 "job_name": "accounting-no-token",
                 "metrics_path": f"{PREFIX}metrics",
+                "static_configs": [{"targets": [f"127.0.0.1:{service_port}"]}],
+            },
+            {
+                # and with another token
+                "job_name": "accounting-wrong-token",
+                "metrics_path": f"{PREFIX}metrics",
+                "authorization": {"credentials_file": str(wrong)},
                 "static_configs": [{"targets": [f"127.0.0.1:{service_port}"]}],
             },
             {
@@ -161,10 +181,16 @@ def test_prometheus_scrapes_accounting_and_gpu_metrics(stack):
         jobs = up()
         # every job scraped at least once: targets are scraped independently
         done = jobs.get("accounting") == "1" and jobs.get("gpu") == "1"
-        return jobs if done and "accounting-no-token" in jobs else None
+        refused = {"accounting-no-token", "accounting-wrong-token"}
+        return jobs if done and refused <= set(jobs) else None
 
     jobs = wait_until("every target scraped, with the token successfully", scraped, timeout=60)
     assert jobs["accounting-no-token"] == "0", (tmp / "service.log").read_text()[-2000:]
+    assert jobs["accounting-wrong-token"] == "0"
+    targets = json.loads(get(f"{prom}/api/v1/targets")[1])["data"]["activeTargets"]
+    errors = {t["labels"]["job"]: t["lastError"] for t in targets}
+    assert "401" in errors["accounting-no-token"] and "403" in errors["accounting-wrong-token"]
+    assert errors["accounting"] == ""
 
     [devices] = wait_until(
         "allocated accelerators", lambda: query(prom, "labfleet_allocated_accelerators")
