@@ -287,6 +287,8 @@ _SECRET_FILES = {
     # the bearer token of the accounting service's /metrics (Prometheus reads the file)
     "metrics_token": "accounting-metrics-token",
 }
+#: The secrets the hub itself reads (with_secrets); the others are for services' files.
+_HUB_SECRETS = ("client_secret", "crypt_key")
 
 
 def _secret_path(values: dict, name: str) -> Path:
@@ -310,7 +312,7 @@ def ensure_secrets(values: dict) -> None:
 def with_secrets(values: dict) -> dict:
     """``values`` plus a ``secrets`` section read from the state directory."""
     found = {}
-    for name in _SECRET_FILES:
+    for name in _HUB_SECRETS:
         path = _secret_path(values, name)
         try:
             found[name] = path.read_text().strip()
