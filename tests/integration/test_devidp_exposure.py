@@ -7,6 +7,7 @@ configuration with ``devidp.enabled`` and a non-loopback ``hub.ip`` or
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,13 @@ import pytest
 import yaml
 
 from .conftest import write_config
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    yield tmp_path
+    values = yaml.safe_load((tmp_path / "labfleet.yaml").read_text())
+    shutil.rmtree(values["spawner"]["storage_root"], ignore_errors=True)  # write_config's
 
 
 def labfleet(command: str, config) -> subprocess.CompletedProcess:
@@ -38,7 +46,8 @@ def labfleet(command: str, config) -> subprocess.CompletedProcess:
     ],
     ids=["all-interfaces", "public-url", "real-issuer"],
 )
-def test_up_and_check_config_refuse_an_exposed_devidp(tmp_path, change, field):
+def test_up_and_check_config_refuse_an_exposed_devidp(config_dir, change, field):
+    tmp_path = config_dir
     values = write_config(tmp_path)
     change(values)
     (tmp_path / "labfleet.yaml").write_text(yaml.safe_dump(values))
@@ -50,7 +59,8 @@ def test_up_and_check_config_refuse_an_exposed_devidp(tmp_path, change, field):
     assert not (tmp_path / "state").exists(), "nothing was started or created"
 
 
-def test_the_dev_idp_with_a_loopback_hub_is_valid(tmp_path):
+def test_the_dev_idp_with_a_loopback_hub_is_valid(config_dir):
+    tmp_path = config_dir
     values = write_config(tmp_path)
     values["hub"]["ip"] = "127.0.0.2"
     port = values["devidp"]["port"]
