@@ -1,9 +1,12 @@
 """``labfleet-accounting``: migrate the database, or run the service with its collectors.
 
-    labfleet-accounting migrate --AccountingApp.db_url=postgresql://...
-    labfleet-accounting serve  -f accounting_config.py
+    LABFLEET_ACCOUNTING_DB_URL=postgresql+psycopg://... labfleet-accounting migrate
+    labfleet-accounting serve --config accounting_config.py
 
 Configuration is traitlets (a Python config file or ``--Class.trait=value``).
+Database URLs may hold passwords: give them in the environment
+(``LABFLEET_ACCOUNTING_DB_URL``, ``LABFLEET_HUB_DB_URL``) or in the config file,
+never on the command line, which every local user can read (``ps``).
 As a hub-managed service, the hub's environment (``JUPYTERHUB_API_TOKEN``,
 ``JUPYTERHUB_SERVICE_PREFIX``, ...) configures the OAuth client; it is read
 when the service starts, never at import.
@@ -16,6 +19,7 @@ import os
 import sys
 
 from jupyterhub.services.auth import HubOAuth
+from labfleet_hub.private import ACCOUNTING_DB_URL_ENV, HUB_DB_URL_ENV
 from labfleet_hub.procs import stop_event
 from labfleet_hub.service_page import HubNav
 from prometheus_client import CollectorRegistry
@@ -37,10 +41,11 @@ class AccountingApp(Application):
     description = "labfleet accounting: usage ledger, collectors, reports, budgets, metrics."
 
     db_url = Unicode(
-        "sqlite:///labfleet-accounting.sqlite",
         config=True,
         help="""Ledger database: sqlite:///path (single node) or
-        postgresql+psycopg://user@host/db (production). Migrated at start.""",
+        postgresql+psycopg://user@host/db (production). Migrated at start. Default:
+        $LABFLEET_ACCOUNTING_DB_URL (how labfleet up passes it: a URL with a password
+        does not belong on a command line), else sqlite:///labfleet-accounting.sqlite.""",
     )
     auto_migrate = Bool(
         True, config=True, help="Run the Alembic migrations to head when the service starts."
@@ -142,6 +147,10 @@ class AccountingApp(Application):
     aliases = {"db-url": "AccountingApp.db_url", "spool": "AccountingApp.spool_path",
                "port": "AccountingApp.port", "config": "AccountingApp.config_file"}  # fmt: skip
     config_file = Unicode("", config=True, help="Python configuration file to load.")
+
+    @default("db_url")
+    def _db_url_default(self):
+        return os.environ.get(ACCOUNTING_DB_URL_ENV) or "sqlite:///labfleet-accounting.sqlite"
 
     @catch_config_error
     def initialize(self, argv=None):
@@ -272,8 +281,9 @@ class ServeApp(AccountingApp):
 class GpuExporterApp(AccountingApp):
     """``labfleet-accounting gpu-exporter``: NVML metrics per GPU/MIG instance, with owners.
 
-    Single node: ``--GpuExporterApp.hub_db_url=sqlite:///.labfleet/jupyterhub.sqlite``
-    (and ``--db-url`` for the groups). Kubernetes, as the DaemonSet of
+    Single node: ``LABFLEET_HUB_DB_URL=sqlite:///.labfleet/jupyterhub.sqlite`` (or
+    ``--GpuExporterApp.hub_db_url``; URLs with passwords only in the environment or a
+    config file) and ``LABFLEET_ACCOUNTING_DB_URL`` for the groups. Kubernetes, as the DaemonSet of
     ``accounting/manifests/gpu-exporter.yaml``: ``--GpuExporterApp.kubernetes=True``
     (the kubelet's pod-resources socket and the node's pods, see gpu_exporter).
     """
@@ -282,9 +292,9 @@ class GpuExporterApp(AccountingApp):
     exporter_ip = Unicode("127.0.0.1", config=True, help="Address the exporter listens on.")
     exporter_port = Integer(9835, config=True, help="Port of the exporter's /metrics.")
     hub_db_url = Unicode(
-        "",
         config=True,
-        help="Single node: the hub database, whose spawner states name the devices held.",
+        help="""Single node: the hub database, whose spawner states name the devices held.
+        Default: $LABFLEET_HUB_DB_URL.""",
     )
     kubernetes = Bool(
         False,
@@ -309,6 +319,10 @@ class GpuExporterApp(AccountingApp):
         help="""Debugging and tests: read the kubelet's ListPodResourcesResponse from
         this JSON file (with optionally "pods": the node's pods) instead of the socket.""",
     )
+
+    @default("hub_db_url")
+    def _hub_db_url_default(self):
+        return os.environ.get(HUB_DB_URL_ENV, "")
 
     @default("node_name")
     def _node_name_default(self):

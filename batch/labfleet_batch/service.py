@@ -36,6 +36,7 @@ import yaml
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, check_scopes
 from jupyterhub.utils import url_path_join
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
+from labfleet_hub.private import BUDGET_DB_URL_ENV
 from labfleet_hub.procs import stop_event
 from labfleet_hub.service_page import HubNav
 from labfleet_spawner.catalogue import Catalogue, load_catalogue
@@ -370,10 +371,11 @@ class BatchService(Application):
         are kept, so a restart of the service still knows its jobs. Empty: in memory only.""",
     )
     budget_db_url = Unicode(
-        "",
         config=True,
         help="""The accounting database (SQLAlchemy URL) whose GPU-hour budgets decide whether
-        a group may submit GPU jobs (labfleet_accounting.budgets). Empty: no budget checks.""",
+        a group may submit GPU jobs (labfleet_accounting.budgets). Empty: no budget checks.
+        Default: $LABFLEET_BUDGET_DB_URL (how labfleet up passes it: a URL with a password
+        does not belong on a command line, which every local user can read).""",
     )
     budget_limit_cpu = Bool(
         False, config=True, help="Refuse CPU-only jobs too once a group's budget is spent."
@@ -493,6 +495,10 @@ class BatchService(Application):
     @default("service_url")
     def _default_url(self):
         return os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101")
+
+    @default("budget_db_url")
+    def _budget_db_url_default(self):
+        return os.environ.get(BUDGET_DB_URL_ENV, "")
 
     aliases = {
         "config": "BatchService.config_file",

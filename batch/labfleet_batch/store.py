@@ -39,12 +39,14 @@ class JobStore:
         # job records name users and their folders: the service's eyes only
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path / "jobs.sqlite"
+        # 0600 before SQLite opens it: its -wal and -shm files take the database's mode
+        os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        os.chmod(self.path, 0o600)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL with WAL: a committed row survives a killed service
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(_SCHEMA)
-        os.chmod(self.path, 0o600)
 
     def save(self, record: JobRecord, extra: dict[str, Any]) -> None:
         self._conn.execute(

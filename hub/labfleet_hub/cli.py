@@ -1,7 +1,8 @@
 """The ``labfleet`` command: ``up`` runs the platform, ``check-config`` validates,
 ``sync-queues`` applies the batch queue layout to a Kubernetes cluster.
 
-``labfleet up`` validates the configuration and the catalogue, creates the
+``labfleet up`` validates the configuration and the catalogue, makes the state
+folder private to the platform (folders 0700, files 0600), creates the
 secrets, installs the Node.js pieces it needs (configurable-http-proxy and,
 when enabled, the development identity provider) into a cache outside the
 repository, starts the identity provider, then JupyterHub, and prints the URL
@@ -11,6 +12,7 @@ and the demo accounts once the hub answers. Ctrl-C stops everything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ import yaml
 
 from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
 from .node_pieces import NodePiecesError, ensure_proxy, install_all
+from .private import StateError, prepare_state_dir, private_file
 from .procs import die_with_parent, port_in_use
 
 DEFAULT_CONFIG = "config/labfleet.yaml"
@@ -170,11 +173,19 @@ def cmd_up(args) -> int:
             file=sys.stderr,
         )
         return 1
+    # before anything writes there: what users must not read (the hub database,
+    # the ledger, the logs, secrets) is the platform's alone (labfleet_hub.private)
+    try:
+        tightened = prepare_state_dir(values)
+    except StateError as e:
+        print(f"labfleet: {e}", file=sys.stderr)
+        return 1
+    if tightened:
+        step(f"made {len(tightened)} state file(s) and folder(s) private (0600/0700)")
     ensure_secrets(values)
     values = with_secrets(values)
     state_dir = Path(hub["state_dir"])
     log_dir = state_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
 
     try:
         proxy = ensure_proxy(progress=step)
@@ -248,6 +259,11 @@ def cmd_up(args) -> int:
             )
             stop()
             return 1
+        # JupyterHub writes the proxy's pid file with the default umask
+        pid_file = state_dir / "jupyterhub-proxy.pid"
+        with contextlib.suppress(StateError, OSError):
+            if pid_file.is_file():
+                private_file(pid_file)
         print()
         print(f"labfleet is up: {hub['public_url']}{hub['base_url']}")
         if values["devidp"]["enabled"]:

@@ -34,6 +34,7 @@ from labfleet_spawner.storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
 
 from .posix_ids import CUSTOM_SCOPES as POSIX_IDS_SCOPES
 from .posix_ids import POSIX_IDS_SCOPE
+from .private import ACCOUNTING_DB_URL_ENV, BUDGET_DB_URL_ENV, DIR_MODE
 from .tokens import CUSTOM_SCOPES, IAM_TOKEN_SCOPE
 
 DEFAULTS: dict[str, Any] = {
@@ -61,7 +62,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "spawner": {
         "kind": "local",
-        "storage_root": ".labfleet/storage",
+        # beside the state folder, never in it (private to the platform, see check_layout)
+        "storage_root": ".labfleet-storage",
         "start_timeout": 120,
         "isolate_users": "auto",
         "allow_root_notebooks": False,
@@ -149,7 +151,41 @@ def parse_values(data: Any, source: str, base_dir: Path) -> dict:
     if not accounting["spool"]:
         accounting["spool"] = str(Path(hub["state_dir"]) / "accounting.spool")
     values["source"] = source
+    check_layout(values)
     return values
+
+
+def check_layout(values: dict) -> None:
+    """User storage and the platform's private state folder must not contain each other.
+
+    ``hub.state_dir`` is mode 0700 (``labfleet_hub.private``): homes inside it would be
+    out of their owners' reach, and a state folder inside user storage would sit among
+    folders users write to. Local mode only (Kubernetes mode has no storage_root).
+    """
+    if values["spawner"]["kind"] != "local":
+        return
+    state = Path(values["hub"]["state_dir"])
+    storage = Path(values["spawner"]["storage_root"])
+    source = values["source"]
+    if storage.is_relative_to(state):
+        raise ConfigError(
+            f"{source}: field spawner.storage_root: {storage} is inside hub.state_dir "
+            f"({state}), which is private to the platform (mode 0700): users could not "
+            f"reach their homes there. Put user storage outside it, e.g. "
+            f"{state.parent / (state.name + '-storage')}"
+        )
+    if state.is_relative_to(storage):
+        raise ConfigError(
+            f"{source}: field hub.state_dir: {state} is inside spawner.storage_root "
+            f"({storage}), among the folders users write to; keep the platform's state "
+            "outside user storage"
+        )
+    spool = Path(values["accounting"]["spool"])
+    if values["accounting"]["enabled"] and spool.is_relative_to(storage):
+        raise ConfigError(
+            f"{source}: field accounting.spool: {spool} is inside spawner.storage_root "
+            f"({storage}); keep it with the platform's state (default: in hub.state_dir)"
+        )
 
 
 def load_values(path: str | os.PathLike) -> dict:
@@ -298,9 +334,11 @@ def _secret_path(values: dict, name: str) -> Path:
 
 
 def ensure_secrets(values: dict) -> None:
-    """Create the state directory and any missing secret (mode 0600)."""
-    secret_dir = Path(values["hub"]["state_dir"]) / "secrets"
-    secret_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create the state directory and any missing secret (folders 0700, files 0600)."""
+    state_dir = Path(values["hub"]["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    secret_dir = state_dir / "secrets"
+    secret_dir.mkdir(exist_ok=True, mode=DIR_MODE)
     for name in _SECRET_FILES:
         path = _secret_path(values, name)
         if not path.exists():
@@ -432,14 +470,17 @@ ACCOUNTING_SERVICE = "accounting"
 
 
 def accounting_command(values: dict) -> list[str]:
-    """The command line of the hub-managed accounting service (see docs/accounting.md)."""
+    """The command line of the hub-managed accounting service (see docs/accounting.md).
+
+    It holds no secret: every local user can read a command line (``ps``). The database
+    URL, which may hold a password, is in :func:`accounting_environment`.
+    """
     acc = values["accounting"]
     command = [
         sys.executable,
         "-m",
         "labfleet_accounting.app",
         "serve",
-        f"--AccountingApp.db_url={acc['db_url']}",
         f"--AccountingApp.admin_group_pattern={acc['admin_group_pattern']}",
         f"--AccountingApp.mig_weighting={acc['mig_weighting']}",
         f"--AccountingApp.log_level={acc['log_level']}",
@@ -467,6 +508,14 @@ def accounting_command(values: dict) -> list[str]:
             f"--AccountingApp.queue_name_prefix={prefix}",
         ]
     return command
+
+
+def accounting_environment(values: dict) -> dict[str, str]:
+    """The accounting service's environment: what it must know but ``ps`` must not show."""
+    return {
+        **values.get("service_environment", {}),
+        ACCOUNTING_DB_URL_ENV: values["accounting"]["db_url"],
+    }
 
 
 def metrics_token_path(values: dict) -> Path:
@@ -524,7 +573,7 @@ def apply_accounting(values: dict, c) -> None:
             "name": ACCOUNTING_SERVICE,
             "url": url,
             "command": accounting_command(values),
-            "environment": dict(values.get("service_environment", {})),
+            "environment": accounting_environment(values),
             "cwd": values["hub"]["state_dir"],
             "oauth_no_confirm": True,
             "display": True,
@@ -575,7 +624,10 @@ def accounts_dir(values: dict) -> Path:
 
 
 def batch_command(values: dict) -> list[str]:
-    """The command line of the hub-managed batch service (see docs/batch.md)."""
+    """The command line of the hub-managed batch service (see docs/batch.md).
+
+    It holds no secret (see :func:`batch_environment` for the budget database's URL).
+    """
     batch, spawner, hub = values["batch"], values["spawner"], values["hub"]
     # traitlets reads Dict values on the command line with ast.literal_eval:
     # Python literals (True/None), not JSON
@@ -624,11 +676,17 @@ def batch_command(values: dict) -> list[str]:
             pod_storage = {"volume": volume}
             command.append(f"--BatchService.pod_storage={pod_storage!r}")
     if batch["budgets"]["enabled"]:
-        command += [
-            f"--BatchService.budget_db_url={values['accounting']['db_url']}",
-            f"--BatchService.budget_limit_cpu={batch['budgets']['limit_cpu']}",
-        ]
+        # budget_db_url: in the environment (batch_environment)
+        command.append(f"--BatchService.budget_limit_cpu={batch['budgets']['limit_cpu']}")
     return command
+
+
+def batch_environment(values: dict) -> dict[str, str]:
+    """The batch service's environment: with budgets, the accounting database's URL."""
+    environment = dict(values.get("service_environment", {}))
+    if values["batch"]["budgets"]["enabled"]:
+        environment[BUDGET_DB_URL_ENV] = values["accounting"]["db_url"]
+    return environment
 
 
 def apply_batch(values: dict, c) -> None:
@@ -647,7 +705,7 @@ def apply_batch(values: dict, c) -> None:
             "name": BATCH_SERVICE,
             "url": f"http://127.0.0.1:{batch['port']}",
             "command": batch_command(values),
-            "environment": dict(values.get("service_environment", {})),
+            "environment": batch_environment(values),
             "cwd": values["hub"]["state_dir"],
             # the queue page in the Services menu; OAuth "identify" needs no consent
             "oauth_no_confirm": True,

@@ -66,10 +66,17 @@ def test_bundled_config_runs_the_service_on_a_free_port_with_sqlite(config_dir):
     assert isinstance(hook, SpoolHook) and hook.path == acc["spool"]
 
 
-def test_service_command_is_understood_by_the_service(config_dir):
+def test_service_command_is_understood_by_the_service(config_dir, monkeypatch):
     values = values_for(config_dir, port=10123, group_admins={"ml": ["carol"]})
     command = accounting_command(values)
     assert command[1:4] == ["-m", "labfleet_accounting.app", "serve"]
+    # the database URL comes through the service's environment, as the hub starts it
+    c = Config()
+    apply_config(values, c)
+    for name, value in next(s for s in services(c) if s["name"] == "accounting")[
+        "environment"
+    ].items():
+        monkeypatch.setenv(name, value)
     app = ServeApp()
     app.parse_command_line(command[4:])
     app.update_config(app.config)

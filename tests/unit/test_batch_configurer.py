@@ -122,8 +122,13 @@ def test_no_isolation_means_no_hub_ids(config_dir):
     assert not any("job_ids_from_hub" in arg for arg in batch_command(values_for(config_dir)))
 
 
-def test_budgets_read_the_accounting_database(config_dir):
+def test_budgets_read_the_accounting_database(config_dir, monkeypatch):
     values = values_for(config_dir, budgets={"enabled": True, "limit_cpu": True})
+    # the URL comes through the service's environment (never its command line)
+    c = Config()
+    apply_config(values, c)
+    for name, value in batch_service(c)["environment"].items():
+        monkeypatch.setenv(name, value)
     app = BatchService()
     app.parse_command_line(batch_command(values)[3:])
     assert app.budget_db_url == values["accounting"]["db_url"]
