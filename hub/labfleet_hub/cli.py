@@ -155,6 +155,20 @@ def cmd_setup(args) -> int:
     return 0
 
 
+def isolation_notice(values: dict, euid: int) -> str:
+    """What a non-root ``labfleet up`` must say before anyone tries to start a notebook:
+    without root, users cannot be isolated, and the spawner refuses rather than run
+    everyone as this user (unless the admin said it is a one-person installation)."""
+    spawner = values["spawner"]
+    if spawner["kind"] != "local" or euid == 0 or spawner["isolate_users"] == "no":
+        return ""
+    return (
+        "not running as root, so notebooks and jobs cannot run as their users and will be "
+        "refused; run as root, or for a one-person installation set "
+        "spawner.isolate_users: no in the platform YAML"
+    )
+
+
 def cmd_up(args) -> int:
     step(f"checking {args.config}")
     try:
@@ -163,6 +177,9 @@ def cmd_up(args) -> int:
         print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
         return 1
     hub = values["hub"]
+    notice = isolation_notice(values, os.geteuid())
+    if notice:
+        print(f"labfleet: note: {notice}", file=sys.stderr)
     wanted = [(hub["ip"], hub["port"]), ("127.0.0.1", hub["hub_port"]),
               ("127.0.0.1", values["proxy"]["api_port"])]  # fmt: skip
     busy = [port for host, port in wanted if port_in_use(host, port)]

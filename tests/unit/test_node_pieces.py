@@ -60,3 +60,13 @@ def test_setup_command_installs_both_pieces(monkeypatch, capsys):
     monkeypatch.setattr(cli, "install_all", broken)
     assert cli.main(["setup"]) == 1
     assert "npm is not installed" in capsys.readouterr().err
+
+
+def test_up_says_at_once_when_users_cannot_be_isolated():
+    values = {"spawner": {"kind": "local", "isolate_users": "auto"}}
+    assert "spawner.isolate_users: no" in cli.isolation_notice(values, 1000)
+    assert cli.isolation_notice(values, 0) == ""
+    one_person = {"spawner": {"kind": "local", "isolate_users": "no"}}
+    assert cli.isolation_notice(one_person, 1000) == ""
+    kube = {"spawner": {"kind": "kubernetes", "isolate_users": "auto"}}
+    assert cli.isolation_notice(kube, 1000) == ""
