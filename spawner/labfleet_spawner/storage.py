@@ -21,6 +21,7 @@ equalled a hub group's gid would get into that group's directory --
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labfleet_hub.contract import is_valid_group_name
+
+from . import safefs
 
 #: JupyterHub user names after normalisation, restricted to what is safe as one path
 #: component: no "/", no leading "." or "-", nothing a shell would expand.
@@ -166,50 +169,59 @@ def plan_storage(
     )
 
 
-def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None, chown: Callable) -> None:
-    # A symlink here would let whoever planted it redirect chmod/chown elsewhere.
-    if path.is_symlink():
-        raise StorageError(f"{path} is a symbolic link; refusing to use it")
-    if path.exists() and not path.is_dir():
-        raise StorageError(f"{path} exists and is not a directory")
-    path.mkdir(mode=0o700, exist_ok=True)
-    if owner is not None:
-        chown(path, *owner)
-    # chmod after chown: chown clears the setgid bit; mkdir's mode is masked by the umask.
-    os.chmod(path, mode)
-
-
 def apply_storage(
     layout: StorageLayout,
     *,
     as_root: bool | None = None,
     owner_uid: int | None = None,
-    chown: Callable[[Path, int, int], None] | None = None,
+    chown: Callable[[int, int, int], None] | None = None,
 ) -> StorageLayout:
     """Create the directories of ``layout`` with their modes; set owners when root.
 
     ``as_root`` defaults to whether this process is root (without root, every
     directory belongs to the hub user and only the modes are set).
     ``owner_uid`` owns the shared directories (default: this process's uid).
+    ``chown(fd, uid, gid)`` sets an owner (default ``os.fchown``).
+
+    Nothing is done by path below the storage root (the administrator's): each
+    folder is opened from its parent's descriptor without following links
+    (:mod:`labfleet_spawner.safefs`), and its owner and mode are set on that
+    descriptor. A link or a file in the place of a folder is refused
+    (:class:`StorageError`); whatever it points to is left alone.
     """
     if as_root is None:
         as_root = os.geteuid() == 0
     if owner_uid is None:
         owner_uid = os.geteuid()
-    chown = chown or (lambda p, u, g: os.chown(p, u, g, follow_symlinks=False))
     hub_gid = os.getegid()
 
     def owned(uid: int, gid: int):
         return (uid, gid) if as_root else None
 
+    def ensure(parent: int, name: str, mode: int, owner, what: Path) -> int:
+        return safefs.ensure_dir(parent, name, mode, owner, what=str(what), fchown=chown)
+
     layout.root.mkdir(mode=MODE_PARENT, parents=True, exist_ok=True)
-    for parent in (layout.root / "home", layout.root / "groups"):
-        _ensure_dir(parent, MODE_PARENT, owned(owner_uid, hub_gid), chown)
-    _ensure_dir(layout.home, MODE_HOME, owned(layout.uid, layout.gid), chown)
-    for name, path in layout.group_dirs.items():
-        _ensure_dir(path, MODE_GROUP, owned(owner_uid, layout.group_gids[name]), chown)
-    _ensure_dir(layout.public, MODE_PUBLIC, owned(owner_uid, hub_gid), chown)
-    _ensure_dir(layout.envs, MODE_ENVS, owned(owner_uid, hub_gid), chown)
+    try:
+        with contextlib.ExitStack() as fds:
+            keep = fds.enter_context
+            root = keep(safefs.closing(os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY)))
+            shared = owned(owner_uid, hub_gid)
+            homes = keep(
+                safefs.closing(ensure(root, "home", MODE_PARENT, shared, layout.home.parent))
+            )
+            groups = keep(
+                safefs.closing(ensure(root, "groups", MODE_PARENT, shared, layout.root / "groups"))
+            )
+            private = owned(layout.uid, layout.gid)
+            os.close(ensure(homes, layout.username, MODE_HOME, private, layout.home))
+            for name, path in layout.group_dirs.items():
+                group_owner = owned(owner_uid, layout.group_gids[name])
+                os.close(ensure(groups, name, MODE_GROUP, group_owner, path))
+            os.close(ensure(root, "public", MODE_PUBLIC, shared, layout.public))
+            os.close(ensure(root, "envs", MODE_ENVS, shared, layout.envs))
+    except safefs.UnsafePathError as e:
+        raise StorageError(e.strerror) from None
     return layout
 
 

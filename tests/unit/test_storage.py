@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -91,7 +93,7 @@ def test_apply_without_root_sets_modes_and_never_chowns(tmp_path):
         200001,
         {"ml": 300002},
         as_root=False,
-        chown=lambda *a: calls.append(a),
+        chown=lambda *a: calls.append(a),  # never called without root
     )
     assert calls == []
     assert mode(layout.home) == 0o700
@@ -108,7 +110,9 @@ def test_apply_as_root_chowns_each_directory(tmp_path):
         layout,
         as_root=True,
         owner_uid=0,
-        chown=lambda path, uid, gid: calls.__setitem__(Path(path).name, (uid, gid)),
+        chown=lambda fd, uid, gid: calls.__setitem__(
+            Path(os.readlink(f"/proc/self/fd/{fd}")).name, (uid, gid)
+        ),
     )
     hub_gid = os.getegid()
     assert calls == {
@@ -156,3 +160,98 @@ def test_a_file_in_the_way_is_reported(tmp_path):
     (tmp_path / "srv" / "public").write_text("")
     with pytest.raises(StorageError, match="exists and is not a directory"):
         prepare_storage(tmp_path / "srv", "alice", 1, 1, as_root=False)
+
+
+# -- a user attacking the storage as root prepares it ------------------------------
+# (attacks as the user's uid would make them: only what that uid can write)
+
+ALICE = 200001
+
+
+def snapshot(path: Path):
+    st = path.lstat()
+    files = sorted(os.listdir(path)) if path.is_dir() else None
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), files
+
+
+def root_target(tmp_path) -> Path:
+    """An /etc-like folder of root's, 0755, with a file in it."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    os.chmod(etc, 0o755)
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    return etc
+
+
+@pytest.mark.skipif(not is_root, reason="attacks by another uid need root")
+def test_users_cannot_replace_their_home_or_group_folders(tmp_path):
+    """Home and group folders sit in folders of the platform (0755, root's)."""
+    reachable = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is root's 0700
+    os.chmod(reachable, 0o755)
+    try:
+        _users_cannot_replace(reachable)
+    finally:
+        shutil.rmtree(reachable)
+
+
+def _users_cannot_replace(base: Path):
+    layout = prepare_storage(base / "srv", "alice", ALICE, ALICE, {"ml": 300002})
+    for parent in (layout.home.parent, layout.root / "groups"):
+        st = parent.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+    pid = os.fork()
+    if pid == 0:  # the user, trying to swap their home and group folder for links
+        code = 2  # anything unexpected fails the test
+        try:
+            os.setgroups([300002])
+            os.setgid(ALICE)
+            os.setuid(ALICE)
+            moved = False
+            for path in (layout.home, layout.group_dirs["ml"]):
+                os.listdir(path)  # reachable: a refusal below is the parent's doing
+                try:
+                    os.rename(path, path.with_name("moved"))
+                    moved = True
+                except PermissionError:
+                    pass
+            code = 1 if moved else 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0, "a user could move their home or group folder"
+
+
+@pytest.mark.skipif(not is_root, reason="chown to other uids needs root")
+@pytest.mark.parametrize("which", ["home", "group", "public", "envs", "groups"])
+def test_a_folder_replaced_by_a_link_to_roots_folder_is_refused_untouched(tmp_path, which):
+    """Whoever could plant a link (an earlier layout, a careless admin): nothing follows it."""
+    etc = root_target(tmp_path)
+    before = snapshot(etc)
+    layout = prepare_storage(tmp_path / "srv", "alice", ALICE, ALICE, {"ml": 300002})
+    path = {
+        "home": layout.home,
+        "group": layout.group_dirs["ml"],
+        "public": layout.public,
+        "envs": layout.envs,
+        "groups": layout.root / "groups",
+    }[which]
+    os.rmdir(path) if which != "groups" else (os.rmdir(path / "ml"), os.rmdir(path))
+    path.symlink_to(etc)
+    with pytest.raises(StorageError, match="symbolic link; refusing"):
+        prepare_storage(tmp_path / "srv", "alice", ALICE, ALICE, {"ml": 300002})
+    assert snapshot(etc) == before, "the link's target keeps its owner, mode and contents"
+    assert (etc / "passwd").read_text().startswith("root:")
+
+
+@pytest.mark.skipif(not is_root, reason="chown to other uids needs root")
+def test_links_inside_home_and_group_folders_are_not_followed(tmp_path):
+    """What members write inside (links named like anything) is never chowned or chmodded."""
+    etc = root_target(tmp_path)
+    before = snapshot(etc)
+    layout = prepare_storage(tmp_path / "srv", "alice", ALICE, ALICE, {"ml": 300002})
+    (layout.group_dirs["ml"] / "ml").symlink_to(etc)
+    (layout.home / "alice").symlink_to(etc)
+    (layout.public / "envs").symlink_to(etc)
+    prepare_storage(tmp_path / "srv", "alice", ALICE, ALICE, {"ml": 300002})
+    assert snapshot(etc) == before
+    home = layout.home.stat()
+    assert (home.st_uid, home.st_gid, mode(layout.home)) == (ALICE, ALICE, 0o700)

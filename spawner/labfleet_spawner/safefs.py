@@ -1,0 +1,136 @@
+"""Folder and file work by a privileged process where users can write.
+
+The rule (``docs/security.md``): root never opens, writes, ``chown``s or
+``chmod``s by path anything a user can write or replace. Everything here works
+on descriptors: a folder is opened from its parent's descriptor with
+``O_NOFOLLOW | O_DIRECTORY`` (a link or a file in its place is refused, never
+followed), owners and modes are set with ``fchown``/``fchmod`` on the opened
+folder, and files are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (a name
+that appeared in between is refused, not written through). Only the first
+folder is opened by path: the caller's trusted starting point (the storage
+root, or a home whose parent belongs to the platform).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePathError(OSError):
+    """Something in the way is not the plain folder (or file) it must be: said in words."""
+
+
+@contextlib.contextmanager
+def closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _what_is(parent: int | None, name: str) -> str:
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError:
+        return "not a folder"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    return "not a folder" if not stat.S_ISDIR(st.st_mode) else "a folder"
+
+
+def open_dir(parent: int | None, name: str, what: str | None = None) -> int:
+    """A descriptor of folder ``name`` in ``parent`` (a path when ``parent`` is None).
+
+    Never follows a link at ``name`` itself: raises :class:`UnsafePathError`
+    when a link or a file is in its place, FileNotFoundError when it is missing.
+    """
+    what = what or name
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=parent)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            kind = _what_is(parent, name)
+            if kind == "a symbolic link":
+                raise UnsafePathError(
+                    e.errno, f"{what} is a symbolic link; refusing to use it"
+                ) from None
+            raise UnsafePathError(e.errno, f"{what} exists and is not a directory") from None
+        raise
+
+
+def ensure_dir(
+    parent: int | None,
+    name: str,
+    mode: int | None,
+    owner: tuple[int, int] | None = None,
+    *,
+    what: str | None = None,
+    expect_uid: int | None = None,
+    fchown=None,
+) -> int:
+    """Open folder ``name`` in ``parent``, creating it; returns its descriptor.
+
+    A new folder is made mode 0700 and only then given away. ``owner`` (uid, gid)
+    is set with ``fchown`` and ``mode`` with ``fchmod`` (after it: ``chown``
+    clears setgid), on the descriptor, whatever was there before; ``mode`` None
+    leaves an existing folder's mode alone (a new one gets 0700). ``expect_uid``:
+    an existing folder must belong to that uid (:class:`UnsafePathError` if not).
+    """
+    what = what or name
+    created = False
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        created = True
+    except FileExistsError:
+        pass
+    fd = open_dir(parent, name, what)
+    try:
+        st = os.fstat(fd)
+        if not created and expect_uid is not None and st.st_uid != expect_uid:
+            raise UnsafePathError(
+                errno.EPERM, f"{what} belongs to uid {st.st_uid}, not uid {expect_uid}"
+            )
+        if owner is not None:
+            (fchown or os.fchown)(fd, *owner)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        elif created:
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def replace_file(
+    parent: int, name: str, data: bytes, mode: int, owner: tuple[int, int] | None = None
+) -> None:
+    """Make ``name`` in ``parent`` a new file holding ``data``, ``mode``, ``owner``.
+
+    Whatever had the name (a link, a hard link to someone else's file, a file)
+    is unlinked, never opened; a folder in its place is refused. The new file is
+    created with ``O_EXCL | O_NOFOLLOW``, so a name planted in between is refused.
+    """
+    try:
+        os.unlink(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise UnsafePathError(errno.EISDIR, f"{name} is a folder; refusing to replace it") from None
+    try:
+        fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=parent)
+    except FileExistsError:
+        raise UnsafePathError(errno.EEXIST, f"{name} appeared while it was written") from None
+    with closing(fd):
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        while data:
+            data = data[os.write(fd, data) :]
