@@ -109,6 +109,11 @@ def caller_from_model(model: dict | None, hub_auth: HubAuth) -> Caller:
     return Caller.from_hub_model(model)
 
 
+#: How long the service keeps the hub's answer for a token for reading requests (s);
+#: submit and cancel are never answered from the cache (docs/security.md).
+AUTH_CACHE_SECONDS = 5
+
+
 class BaseHandler(web.RequestHandler):
     ctx: Context
     caller: Caller
@@ -129,7 +134,11 @@ class BaseHandler(web.RequestHandler):
         token = hub_auth.get_token(self, in_cookie=False)
         if not token:
             raise web.HTTPError(401, "send a hub API token: Authorization: token <token>")
-        model = await hub_auth.user_for_token(token, sync=False)
+        # A request that changes something (submit, cancel) asks the hub every time, so a
+        # token revoked there (deleted, or its server stopped) stops working at once;
+        # reads may use HubAuth's cache, kept AUTH_CACHE_SECONDS by the service.
+        use_cache = self.request.method in ("GET", "HEAD")
+        model = await hub_auth.user_for_token(token, use_cache=use_cache, sync=False)
         self.caller = caller_from_model(model, hub_auth)
 
     def write_error(self, status_code: int, **kwargs):
@@ -484,6 +493,14 @@ class BatchService(Application):
         config=True, help="Where to listen; default $JUPYTERHUB_SERVICE_URL or 127.0.0.1:10101."
     )
     hub_auth = Instance(HubAuth, allow_none=True, help="Set by initialize (or by tests).")
+    auth_cache_seconds = Integer(
+        AUTH_CACHE_SECONDS,
+        config=True,
+        help="""Seconds the hub's answer for a token (or a page's login) is kept for reading
+        requests: how long a token revoked at the hub (deleted, its server stopped) still
+        reads. Requests that change something (submit, cancel) always ask the hub.
+        JupyterHub's default is 300.""",
+    )
     hub_services = List(
         Unicode(),
         config=True,
@@ -515,7 +532,7 @@ class BatchService(Application):
         if self.hub_auth is None:
             # HubOAuth: tokens as HubAuth, and browser logins for the queue page;
             # reads JUPYTERHUB_* (client id, callback URL) from the environment
-            self.hub_auth = HubOAuth(parent=self)
+            self.hub_auth = HubOAuth(parent=self, cache_max_age=max(1, self.auth_cache_seconds))
 
     async def make_context(self) -> Context:
         catalogue = load_catalogue(self.catalogue_path)
