@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -44,7 +44,7 @@ from labfleet_accounting.spool import SpoolHook
 from tornado import web
 from traitlets import Any, Bool, Dict, Enum, Float, Instance, Integer, List, Unicode, default
 
-from . import accounts, terminal
+from . import accounts, safefs, terminal
 from .base import CatalogueSpawnerMixin
 from .devices import (
     DeviceAllocator,
@@ -131,6 +131,54 @@ def _chdir_only(home: str | None):
             os.chdir(home)
 
     return preexec
+
+
+CERTS_DIR = (".jupyterhub", "jupyterhub-certs")
+
+
+def install_certs(
+    home: str | os.PathLike, paths: Mapping[str, str], owner: tuple[int, int] | None
+) -> dict[str, str]:
+    """Put a server's key, certificate and CA into ``~/.jupyterhub/jupyterhub-certs``.
+
+    Runs as root in a folder the user can change at any moment, so nothing there is
+    used by path: the home is opened (its parent is the platform's), then
+    ``.jupyterhub`` and ``jupyterhub-certs`` from their parents' descriptors with
+    ``O_NOFOLLOW`` (a link in their place is refused, an existing folder must be the
+    home owner's, or, not isolated, the hub's); each file is written new with
+    ``O_EXCL | O_NOFOLLOW`` after whatever had its name is unlinked, mode 0600,
+    given to ``owner`` with ``fchown``.
+    The hub's copies (its own files) are then removed, except the shared CA.
+    """
+    sources = {key: paths[key] for key in ("keyfile", "certfile", "cafile")}
+    data = {}
+    for key, source in sources.items():
+        with open(source, "rb") as f:  # the hub's internal_certs_location: not the user's
+            data[key] = f.read()
+    with contextlib.ExitStack() as fds:
+        fd = fds.enter_context(safefs.closing(safefs.open_dir(None, os.fspath(home), "your home")))
+        home_owner = os.fstat(fd).st_uid
+        if owner is not None and home_owner != owner[0]:
+            raise safefs.UnsafePathError(errno.EPERM, f"{home} does not belong to uid {owner[0]}")
+        # folders in it: the home owner's (or, not isolated, the hub's, which writes them)
+        expect = {home_owner} if owner is not None else {home_owner, os.geteuid()}
+        what = "~"
+        for name in CERTS_DIR:
+            what = f"{what}/{name}"
+            mode = 0o700 if name == CERTS_DIR[-1] else None
+            fd = fds.enter_context(
+                safefs.closing(
+                    safefs.ensure_dir(fd, name, mode, owner, what=what, expect_uid=expect)
+                )
+            )
+        moved = {}
+        for key, source in sources.items():
+            name = os.path.basename(source)
+            safefs.replace_file(fd, name, data[key], 0o600, owner)
+            moved[key] = os.path.join(os.fspath(home), *CERTS_DIR, name)
+    for key in ("keyfile", "certfile"):  # the CA is shared by every server
+        os.unlink(sources[key])
+    return moved
 
 
 class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawner):
@@ -566,21 +614,20 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
         return {}
 
     async def move_certs(self, paths):
-        """Internal SSL: copy the certificates into the user's home, readable by the user."""
+        """Internal SSL: copy the certificates into the user's home, readable by the user.
+
+        The home is the user's: nothing in it is used by path (see :func:`install_certs`).
+        """
         await self._prepare()
-        out_dir = self.storage.home / ".jupyterhub" / "jupyterhub-certs"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(mode=0o700, parents=True)
-        moved = {}
-        for key in ("keyfile", "certfile", "cafile"):
-            target = out_dir / os.path.basename(paths[key])
-            # The CA is shared by every server; key and certificate belong to this one.
-            (shutil.copy if key == "cafile" else shutil.move)(paths[key], target)
-            moved[key] = str(target)
-        if self.isolated:
-            for path in (out_dir.parent, out_dir, *moved.values()):
-                os.chown(path, self.storage.uid, self.storage.gid, follow_symlinks=False)
-        return moved
+        layout = self.storage
+        owner = (layout.uid, layout.gid) if self.isolated else None
+        try:
+            return await asyncio.to_thread(install_certs, layout.home, paths, owner)
+        except OSError as e:
+            self.log.error("Certificates for %s: %s", self._log_name, e)
+            raise _http_error(
+                500, f"cannot put the server's certificates into your home: {e}", "Storage error"
+            ) from e
 
     # -- process --------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -72,7 +72,7 @@ def ensure_dir(
     owner: tuple[int, int] | None = None,
     *,
     what: str | None = None,
-    expect_uid: int | None = None,
+    expect_uid: int | Collection[int] | None = None,
     fchown=None,
 ) -> int:
     """Open folder ``name`` in ``parent``, creating it; returns its descriptor.
@@ -81,7 +81,8 @@ def ensure_dir(
     is set with ``fchown`` and ``mode`` with ``fchmod`` (after it: ``chown``
     clears setgid), on the descriptor, whatever was there before; ``mode`` None
     leaves an existing folder's mode alone (a new one gets 0700). ``expect_uid``:
-    an existing folder must belong to that uid (:class:`UnsafePathError` if not).
+    an existing folder must belong to that uid, or one of those uids
+    (:class:`UnsafePathError` if not).
     """
     what = what or name
     created = False
@@ -93,9 +94,10 @@ def ensure_dir(
     fd = open_dir(parent, name, what)
     try:
         st = os.fstat(fd)
-        if not created and expect_uid is not None and st.st_uid != expect_uid:
+        allowed = {expect_uid} if isinstance(expect_uid, int) else expect_uid
+        if not created and allowed is not None and st.st_uid not in allowed:
             raise UnsafePathError(
-                errno.EPERM, f"{what} belongs to uid {st.st_uid}, not uid {expect_uid}"
+                errno.EPERM, f"{what} belongs to uid {st.st_uid}, not the home's owner"
             )
         if owner is not None:
             (fchown or os.fchown)(fd, *owner)

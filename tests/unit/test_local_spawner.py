@@ -340,6 +340,111 @@ async def test_move_certs_into_the_home(tmp_path):
     assert not Path(paths["keyfile"]).exists() and Path(paths["cafile"]).exists()
 
 
+# -- certificates into a home the user can change, as root --------------------------
+
+ALICE_UID = 200001  # uid_base + alice's hub id
+
+
+def hub_certs(tmp_path) -> dict[str, str]:
+    certs = tmp_path / "hub-certs"
+    certs.mkdir(exist_ok=True)
+    paths = {}
+    for key in ("keyfile", "certfile", "cafile"):
+        paths[key] = str(certs / f"{key}.pem")
+        Path(paths[key]).write_text(key)
+    return paths
+
+
+def roots_folder(tmp_path) -> tuple[Path, tuple]:
+    """An /etc-like folder of root's and what must stay as it is: owner, mode, contents."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    os.chmod(etc, 0o755)
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.chmod(etc / "passwd", 0o644)
+    return etc, state_of(etc)
+
+
+def state_of(etc: Path) -> tuple:
+    entries = []
+    for path in (etc, *sorted(etc.iterdir())):
+        st = path.lstat()
+        content = path.read_bytes() if path.is_file() else None
+        entries.append((path.name, st.st_uid, st.st_gid, st.st_mode, content))
+    return tuple(entries)
+
+
+async def isolated_spawner(tmp_path) -> LocalGPUSpawner:
+    spawner = make_spawner(tmp_path, two_t4())
+    spawner.isolated = True  # what a root hub decides; no process is started here
+    await spawner._prepare()
+    return spawner
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the user's uid needs root")
+async def test_certs_belong_to_the_user_when_isolated(tmp_path):
+    spawner = await isolated_spawner(tmp_path)
+    moved = await spawner.move_certs(hub_certs(tmp_path))
+    certs = spawner.storage.home / ".jupyterhub" / "jupyterhub-certs"
+    for path in (certs.parent, certs, *map(Path, moved.values())):
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (ALICE_UID, ALICE_UID), path
+    assert oct(certs.stat().st_mode & 0o777) == "0o700"
+    assert oct(Path(moved["keyfile"]).stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the user's uid needs root")
+@pytest.mark.parametrize("linked", [".jupyterhub", ".jupyterhub/jupyterhub-certs"])
+async def test_a_linked_certs_folder_is_refused_and_its_target_untouched(tmp_path, linked):
+    """The user made ~/.jupyterhub (or the certificates' folder) a link to root's folder."""
+    etc, before = roots_folder(tmp_path)
+    spawner = await isolated_spawner(tmp_path)
+    link = spawner.storage.home / linked
+    link.parent.mkdir(exist_ok=True)
+    os.chown(link.parent, ALICE_UID, ALICE_UID)
+    link.symlink_to(etc)
+    os.lchown(link, ALICE_UID, ALICE_UID)
+    paths = hub_certs(tmp_path)
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.move_certs(paths)
+    assert refused.value.status_code == 500
+    message = refused.value.jupyterhub_message
+    assert "certificates" in message and "symbolic link" in message, message
+    assert state_of(etc) == before, "root's folder keeps its owner, mode and contents"
+    assert all(Path(p).exists() for p in paths.values()), "the hub's certificates are kept"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the user's uid needs root")
+async def test_links_planted_as_certificate_names_are_replaced_not_followed(tmp_path):
+    """Links and a hard link to root's files in the certificates' folder: never written."""
+    etc, before = roots_folder(tmp_path)
+    spawner = await isolated_spawner(tmp_path)
+    certs = spawner.storage.home / ".jupyterhub" / "jupyterhub-certs"
+    certs.mkdir(parents=True)
+    for path in (certs.parent, certs):
+        os.chown(path, ALICE_UID, ALICE_UID)
+    (certs / "keyfile.pem").symlink_to(etc / "passwd")
+    (certs / "certfile.pem").symlink_to(etc)
+    os.link(etc / "passwd", certs / "cafile.pem")  # what fs.protected_hardlinks=0 allows
+    moved = await spawner.move_certs(hub_certs(tmp_path))
+    assert state_of(etc) == before
+    for key, path in moved.items():
+        st = Path(path).lstat()
+        assert st.st_nlink == 1 and (st.st_uid, st.st_mode & 0o777) == (ALICE_UID, 0o600)
+        assert Path(path).read_text() == key
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the user's uid needs root")
+async def test_a_certs_folder_of_someone_else_is_refused(tmp_path):
+    """A folder the user cannot have made (root's) in their home: not written into."""
+    spawner = await isolated_spawner(tmp_path)
+    dot = spawner.storage.home / ".jupyterhub"
+    dot.mkdir()  # root's
+    with pytest.raises(web.HTTPError, match="belongs to uid 0"):
+        await spawner.move_certs(hub_certs(tmp_path))
+    assert os.listdir(dot) == []
+
+
 # -- claims shared with the local batch service ---------------------------------------
 
 T4_UUID = "GPU-t4t4t4t4-0000-0000-0000-000000000000"
