@@ -28,6 +28,8 @@ from pathlib import Path
 
 from traitlets import Enum, HasTraits, Unicode
 
+from . import safefs
+
 NOTIFICATION_PLUGIN = "@jupyterlab/apputils-extension:notification"
 #: labfleet's choice -> JupyterLab's ``fetchNews`` value ("ask" is JupyterLab's own default)
 NEWS_CHOICES = {"never": "false", "ask": "none", "always": "true"}
@@ -135,7 +137,11 @@ class LabSettingsMixin(HasTraits):
         return app_settings_dir(prefix)
 
     def ensure_lab_settings(self) -> None:
-        """Write the defaults if they changed; a failure is logged, never fatal to a spawn."""
+        """Write the defaults if they changed; a failure is logged, never fatal to a spawn.
+
+        Nothing is written when the settings folder, or a folder on its way, is one a
+        user could change (:func:`labfleet_spawner.safefs.check_private_folder`).
+        """
         settings_dir = self._lab_settings_dir()
         if settings_dir is None:
             self.log.warning(
@@ -145,6 +151,8 @@ class LabSettingsMixin(HasTraits):
             )
             return
         try:
+            # written as root: into a folder no user can change (nor anything on its way)
+            safefs.check_private_folder(settings_dir)
             if write_overrides(settings_dir, lab_overrides(self.jupyter_news)):
                 self.log.info(
                     "JupyterLab defaults (Jupyter news: %s) in %s", self.jupyter_news, settings_dir

@@ -136,3 +136,34 @@ def replace_file(
             os.fchown(fd, *owner)
         while data:
             data = data[os.write(fd, data) :]
+
+
+def check_private_folder(path: str | os.PathLike) -> None:
+    """Refuse a folder that a user could change, or reach through something they can.
+
+    Every existing folder from ``/`` to ``path`` (links resolved) must belong to
+    root or this process's uid and be writable by no one else; an ancestor that
+    others can write is accepted only with the sticky bit (``/tmp``: others cannot
+    move or remove what is not theirs). Folders still missing will be created by
+    this process. Raises :class:`UnsafePathError` naming the first offending folder.
+    """
+    target = os.path.realpath(path)
+    trusted = {0, os.geteuid()}
+    parts = [p for p in target.split(os.sep) if p]
+    current = os.sep
+    for depth in range(len(parts) + 1):
+        if depth:
+            current = os.path.join(current, parts[depth - 1])
+        try:
+            st = os.stat(current, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(errno.ENOTDIR, f"{current} is not a folder")
+        if st.st_uid not in trusted:
+            raise UnsafePathError(
+                errno.EPERM, f"{current} belongs to uid {st.st_uid}, who could change it"
+            )
+        last = depth == len(parts)
+        if st.st_mode & 0o022 and (last or not st.st_mode & stat.S_ISVTX):
+            raise UnsafePathError(errno.EPERM, f"{current} is writable by other users")

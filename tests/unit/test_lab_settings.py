@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pytest
 from jupyterhub.spawner import LocalProcessSpawner
@@ -15,6 +16,7 @@ from labfleet_spawner.lab_settings import (
     write_overrides,
 )
 from labfleet_spawner.local import LocalGPUSpawner
+from labfleet_spawner.safefs import UnsafePathError, check_private_folder
 from traitlets import HasTraits, List, Unicode
 
 
@@ -87,3 +89,39 @@ def test_image_build_command(tmp_path, capsys):
     written = tmp_path / "share/jupyter/lab/settings/overrides.d/labfleet.json"
     assert json.loads(written.read_text()) == lab_overrides("never")
     assert "Jupyter news: never" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "writable",
+        pytest.param(
+            "owned", marks=pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+        ),
+    ],
+)
+def test_nothing_is_written_where_a_user_could_change_the_folder(tmp_path, caplog, how):
+    """The hub runs as root: a settings folder a user can write is not written into."""
+    env = tmp_path / "env"
+    settings = env / "share" / "jupyter" / "lab" / "settings"
+    settings.mkdir(parents=True)
+    if how == "writable":
+        env.chmod(0o777)  # no sticky bit: anyone could swap share/ for a link
+    else:
+        os.chown(env, 200001, 200001)  # a user's folder
+    spawner = FakeSpawner(cmd=["jupyterhub-singleuser"])
+    spawner.lab_app_settings_dir = str(settings)
+    spawner.ensure_lab_settings()
+    assert not (settings / "overrides.d").exists()
+    assert "Cannot write JupyterLab defaults" in caplog.text
+    assert str(env) in caplog.text
+
+
+def test_sticky_ancestors_like_tmp_are_accepted(tmp_path):
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "env").mkdir(mode=0o755)
+    check_private_folder(sticky / "env" / "missing" / "settings")
+    with pytest.raises(UnsafePathError, match="writable by other users"):
+        check_private_folder(sticky)
