@@ -210,6 +210,58 @@ async def test_isolated_server_runs_as_mapped_ids(world_path):
         await spawner.stop()
 
 
+# The user's own server plants links where root will later work, then idles.
+PLANT = """
+import os, sys, time
+target = sys.argv[1]
+home = os.environ["HOME"]
+os.symlink(target, os.path.join(home, ".jupyterhub"))
+for group in os.environ["LABFLEET_GROUP_DIRS"].split(":"):
+    os.symlink(target, os.path.join(group, os.path.basename(group)))
+open(os.path.join(home, "planted"), "w").close()
+while True:
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another uid needs a root hub")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"needs {SYSTEM_PYTHON}")
+async def test_links_a_users_server_plants_are_never_followed_by_the_next_start(world_path):
+    """As root, the next start prepares storage and certificates without following them."""
+    etc = world_path / "etc"  # an /etc-like folder of root's
+    etc.mkdir(mode=0o755)
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    before = [(p.name, p.stat().st_uid, p.stat().st_mode) for p in (etc, etc / "passwd")]
+    spawner = spawner_for(
+        world_path, machine(), isolate_users=True, uid_base=200000,
+        cmd=[SYSTEM_PYTHON, "-c", PLANT, str(etc)],
+    )  # fmt: skip
+    spawner.apply_selection({"profile": "cpu"})
+    await spawner.start()
+    try:
+        planted = world_path / "srv" / "home" / "alice" / "planted"
+        deadline = time.monotonic() + 15
+        while not planted.exists():
+            assert await spawner.poll() is None, "the planting server exited early"
+            assert time.monotonic() < deadline, "the server planted nothing in 15s"
+            await asyncio.sleep(0.1)
+    finally:
+        await spawner.stop()
+    spawner.clear_state()
+    await spawner._prepare()  # the next start's storage: fine, links inside are left alone
+    certs = world_path / "hub-certs"
+    certs.mkdir()
+    paths = {key: str(certs / f"{key}.pem") for key in ("keyfile", "certfile", "cafile")}
+    for path in paths.values():
+        Path(path).write_text("pem")
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.move_certs(paths)
+    assert "symbolic link" in refused.value.jupyterhub_message
+    assert sorted(os.listdir(etc)) == ["passwd"]
+    assert [(p.name, p.stat().st_uid, p.stat().st_mode) for p in (etc, etc / "passwd")] == before
+    assert (etc / "passwd").read_text().startswith("root:")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the probe drops to another uid")
 async def test_isolation_probe_is_cached(tmp_path):
     LocalGPUSpawner._isolation_probes.clear()
