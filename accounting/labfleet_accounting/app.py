@@ -19,6 +19,7 @@ import os
 import sys
 
 from jupyterhub.services.auth import HubOAuth
+from labfleet_hub.bodylimit import HARD_CAP_BYTES
 from labfleet_hub.private import ACCOUNTING_DB_URL_ENV, HUB_DB_URL_ENV
 from labfleet_hub.procs import stop_event
 from labfleet_hub.service_page import HubNav
@@ -227,7 +228,7 @@ class ServeApp(AccountingApp):
             self.metrics_token_value(),
             metrics_public=self.metrics_public,
         )
-        server = app.listen(port, self.ip, xheaders=True)
+        server = app.listen(port, self.ip, xheaders=True, max_body_size=HARD_CAP_BYTES)
         self.log.info("Accounting service on http://%s:%d%s", self.ip, port, prefix)
         tasks = []
         if self.spool_path:

@@ -33,6 +33,7 @@ import time
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
+from labfleet_hub.bodylimit import BodyLimit
 from labfleet_hub.service_page import HubNav
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -74,7 +75,7 @@ class Context:
         self.clock = clock
 
 
-class BaseHandler(HubOAuthenticated, web.RequestHandler):
+class BaseHandler(HubOAuthenticated, BodyLimit, web.RequestHandler):
     def initialize(self, context: Context, hub_auth: HubOAuth):
         self.ctx = context
         self.hub_auth = hub_auth
@@ -258,7 +259,7 @@ class PageHandler(BaseHandler):
         )  # fmt: skip
 
 
-class MetricsHandler(web.RequestHandler):
+class MetricsHandler(BodyLimit, web.RequestHandler):
     """Every group's usage: for Prometheus with the metrics token, not for anyone who asks.
 
     Not hub OAuth: Prometheus sends a static bearer token (``authorization`` /
@@ -294,7 +295,7 @@ class MetricsHandler(web.RequestHandler):
         self.finish(data)
 
 
-class OAuthCallbackHandler(HubOAuthCallbackHandler):
+class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback, with the application's HubOAuth.
 
     Without this the handler uses ``HubOAuth.instance()``, a different object

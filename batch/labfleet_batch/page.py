@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from jupyterhub.services.auth import HubOAuthenticated
+from labfleet_hub.bodylimit import BodyLimit
 from labfleet_hub.service_page import HubNav, render_service_page
 from labfleet_spawner.catalogue import parse_quantity
 from tornado import web
@@ -414,7 +415,7 @@ async def with_positions(backend, records: list[JobRecord]) -> list[JobRecord]:
     return out
 
 
-class PageBase(HubOAuthenticated, web.RequestHandler):
+class PageBase(HubOAuthenticated, BodyLimit, web.RequestHandler):
     """The browser pages: hub OAuth, the API's caller checks, the hub's layout."""
 
     def initialize(self, ctx):

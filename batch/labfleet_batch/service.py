@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 import yaml
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, check_scopes
 from jupyterhub.utils import url_path_join
+from labfleet_hub.bodylimit import HARD_CAP_BYTES, BodyLimit
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 from labfleet_hub.private import BUDGET_DB_URL_ENV
 from labfleet_hub.procs import stop_event
@@ -49,13 +50,11 @@ from traitlets.config import Application
 
 from .authz import Caller, Policy
 from .budget import BudgetGate, BudgetUnavailable, budget_gate_from_url
-from .model import FINAL_STATES, LogsUnavailable, completion_index
+from .model import FINAL_STATES, QUEUED, LogsUnavailable, completion_index
 from .queues import QueueConfig, parse_queue_config
 from .validation import Limits, RequestError, validate_request
 
 log = logging.getLogger("labfleet.batch")
-
-MAX_BODY_BYTES = 1024 * 1024
 
 
 class Context:
@@ -81,6 +80,8 @@ class Context:
         self.limits = limits or Limits()
         self.log_poll_interval = log_poll_interval
         self.budget = budget
+        #: one submission at a time: the waiting-jobs caps are counted and kept together
+        self.submit_lock = asyncio.Lock()
         #: the hub's navigation bar on the pages; None: from hub_auth, no Services menu
         self.nav = nav
 
@@ -114,7 +115,7 @@ def caller_from_model(model: dict | None, hub_auth: HubAuth) -> Caller:
 AUTH_CACHE_SECONDS = 5
 
 
-class BaseHandler(web.RequestHandler):
+class BaseHandler(BodyLimit, web.RequestHandler):
     ctx: Context
     caller: Caller
 
@@ -194,8 +195,6 @@ class JobsHandler(BaseHandler):
         self.write_json({"jobs": [r.to_json() for r in records]})
 
     async def post(self):
-        if len(self.request.body) > MAX_BODY_BYTES:
-            raise web.HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             raw = json.loads(self.request.body or b"null")
         except ValueError as e:
@@ -220,13 +219,15 @@ class JobsHandler(BaseHandler):
         except RequestError as e:
             raise web.HTTPError(400, "%s", str(e)) from None
         decision = await self.check_budget(request)
-        try:
-            record = await self.ctx.backend.submit(request, self.caller.name)
-        except (HubIdsUnavailable, IsolationRefused) as e:
-            # nothing was created: the Job would otherwise run as the wrong user
-            raise web.HTTPError(503, "%s", str(e)) from None
-        except RequestError as e:  # what the backend found in the way (e.g. the job folder)
-            raise web.HTTPError(400, "%s", str(e)) from None
+        async with self.ctx.submit_lock:
+            await self.check_waiting(request.group)
+            try:
+                record = await self.ctx.backend.submit(request, self.caller.name)
+            except (HubIdsUnavailable, IsolationRefused) as e:
+                # nothing was created: the Job would otherwise run as the wrong user
+                raise web.HTTPError(503, "%s", str(e)) from None
+            except RequestError as e:  # what the backend found in the way (the job folder)
+                raise web.HTTPError(400, "%s", str(e)) from None
         log.info(
             "%s submitted %s (%s)", self.caller.name, record.id, request.selection.profile.name
         )
@@ -236,6 +237,34 @@ class JobsHandler(BaseHandler):
             if decision.verdict != "allow":
                 body["warning"] = decision.message
         self.write_json(body, status=201)
+
+    async def check_waiting(self, group: str) -> None:
+        """The caps on waiting (queued) jobs per user and per group: 429 before anything
+        is created, saying the cap and how many are waiting."""
+        limits, backend, user = self.ctx.limits, self.ctx.backend, self.caller.name
+        if limits.max_waiting_per_user > 0:
+            own = await backend.list_jobs(sorted(self.ctx.config.groups), user)
+            waiting = sum(1 for r in own if r.state == QUEUED)
+            if waiting >= limits.max_waiting_per_user:
+                raise web.HTTPError(
+                    429,
+                    "%s",
+                    f"you have {waiting} jobs waiting; the cap is {limits.max_waiting_per_user} "
+                    "waiting jobs per user (max_waiting_per_user): submit again once one "
+                    "has started or you cancelled one",
+                )
+        if limits.max_waiting_per_group > 0:
+            jobs = await backend.list_jobs([group])
+            waiting = sum(1 for r in jobs if r.state == QUEUED)
+            if waiting >= limits.max_waiting_per_group:
+                raise web.HTTPError(
+                    429,
+                    "%s",
+                    f"group {group} has {waiting} jobs waiting; the cap is "
+                    f"{limits.max_waiting_per_group} waiting jobs per group "
+                    "(max_waiting_per_group): submit again once one has started or "
+                    "was cancelled",
+                )
 
     async def check_budget(self, request):
         """The group's GPU-hour budget: refuse (403) before anything is created, or warn."""
@@ -307,12 +336,12 @@ class LogsHandler(BaseHandler):
         self.finish()
 
 
-class HealthHandler(web.RequestHandler):
+class HealthHandler(BodyLimit, web.RequestHandler):
     def get(self):
         self.finish({"status": "ok"})
 
 
-class OAuthCallbackHandler(HubOAuthCallbackHandler):
+class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback with the application's HubOAuth: the one that started
     the login holds its PKCE code verifier (``HubOAuth.instance()`` would not)."""
 
@@ -486,7 +515,27 @@ class BatchService(Application):
         True, config=True, help="Hub admins may see, read logs of and cancel every job."
     )
     limits = Dict(
-        {}, config=True, help="Overrides of labfleet_batch.validation.Limits (field: value)."
+        {},
+        config=True,
+        help="""Overrides of labfleet_batch.validation.Limits (field: value); ``labfleet up``
+        passes the platform YAML's ``batch.limits``. Its max_waiting_per_user and
+        max_waiting_per_group win over the traits of those names.""",
+    )
+    max_waiting_per_user = Integer(
+        Limits.max_waiting_per_user,
+        min=0,
+        config=True,
+        help="""How many jobs one user may have waiting (queued, not yet started) at once,
+        in all groups together; one more is refused with HTTP 429 and nothing is created.
+        0: no cap. The platform YAML's batch.limits.max_waiting_per_user sets it.""",
+    )
+    max_waiting_per_group = Integer(
+        Limits.max_waiting_per_group,
+        min=0,
+        config=True,
+        help="""How many jobs one group may have waiting (queued, not yet started) at once,
+        all its users together; one more is refused with HTTP 429 and nothing is created.
+        0: no cap. The platform YAML's batch.limits.max_waiting_per_group sets it.""",
     )
     log_poll_interval = Float(1.0, config=True, help="Seconds between reads when following logs.")
     service_url = Unicode(
@@ -560,11 +609,19 @@ class BatchService(Application):
             config,
             self.hub_auth,
             policy,
-            Limits(**self.limits),
+            self.make_limits(),
             self.log_poll_interval,
             budget=budget,
             nav=self.hub_nav(),
         )
+
+    def make_limits(self) -> Limits:
+        """Limits from the waiting caps' traits and the ``limits`` overrides."""
+        caps = {
+            "max_waiting_per_user": self.max_waiting_per_user,
+            "max_waiting_per_group": self.max_waiting_per_group,
+        }
+        return Limits(**{**caps, **self.limits})
 
     def hub_nav(self) -> HubNav:
         """The hub's navigation bar for the pages: where the hub is, which services to list."""
@@ -632,7 +689,7 @@ class BatchService(Application):
             # first: a stop (the hub's SIGINT, Ctrl-C, SIGTERM) during start-up counts too
             stop = stop_event()
             ctx = await self.make_context()
-            server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=MAX_BODY_BYTES)
+            server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=HARD_CAP_BYTES)
             server.listen(url.port or 80, url.hostname or "127.0.0.1")
             self.log.info(
                 "labfleet batch service (%s) on %s%s", self.backend, self.service_url, prefix

@@ -81,6 +81,10 @@ class Limits:
     min_run_time: int = 10
     max_run_time: int = 7 * 24 * 3600
     default_run_time: int = 24 * 3600
+    #: jobs one user may have waiting (queued) at once, in all groups; 0: no cap
+    max_waiting_per_user: int = 100
+    #: jobs one group may have waiting (queued) at once, all its users together; 0: no cap
+    max_waiting_per_group: int = 500
 
 
 @dataclass(frozen=True)

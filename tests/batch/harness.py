@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from labfleet_batch.service import MAX_BODY_BYTES, Context, make_app
+from labfleet_batch.service import Context, make_app
+from labfleet_hub.bodylimit import HARD_CAP_BYTES
 from tornado import httpserver
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
@@ -72,7 +73,7 @@ async def running_service(ctx: Context) -> AsyncIterator[Service]:
     sock.listen(128)
     sock.setblocking(False)
     port = sock.getsockname()[1]
-    server = httpserver.HTTPServer(make_app(ctx, PREFIX), max_body_size=MAX_BODY_BYTES)
+    server = httpserver.HTTPServer(make_app(ctx, PREFIX), max_body_size=HARD_CAP_BYTES)
     server.add_sockets([sock])
     try:
         yield Service(f"http://127.0.0.1:{port}{PREFIX}", ctx)
