@@ -25,16 +25,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from labfleet_spawner.safefs import CREATE_FLAGS as _CREATE_FLAGS
+from labfleet_spawner.safefs import UnsafePathError as JobFolderError
+from labfleet_spawner.safefs import closing as _fd
+from labfleet_spawner.safefs import open_dir as _open_dir
+
 # O_NONBLOCK: a FIFO planted as a log must not hang the service
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 SCRIPT_NAME = ".labfleet-job.sh"
 
-
-class JobFolderError(OSError):
-    """A job's folder (or a file in it) is not what the platform made: said in words."""
+__all__ = ["JobFolder", "JobFolderError", "mtime", "open_file", "prepare", "read_text"]
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,6 @@ class JobFolder:
 
 def _describe(folder: JobFolder, name: str) -> str:
     return "~/" + "/".join((*folder.parts, name)) if name else "~/" + "/".join(folder.parts)
-
-
-@contextlib.contextmanager
-def _fd(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _open_dir(parent: int | None, name: str, what: str) -> int:
-    try:
-        if parent is None:
-            return os.open(name, _DIR_FLAGS)
-        return os.open(name, _DIR_FLAGS, dir_fd=parent)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise JobFolderError(
-                e.errno, f"{what} is not a folder (a symbolic link or a file is in its place)"
-            ) from None
-        raise
 
 
 def _check_owner(fd: int, owner: int, what: str) -> os.stat_result:

@@ -34,7 +34,7 @@ def test_prepare_refuses_a_linked_batch_folder_and_writes_nothing(home, tmp_path
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (home / "batch").symlink_to(elsewhere)
-    with pytest.raises(jobfs.JobFolderError, match="is not a folder"):
+    with pytest.raises(jobfs.JobFolderError, match="symbolic link"):
         jobfs.prepare(folder(home), {"in.txt": "data"}, None)
     assert list(elsewhere.iterdir()) == []
 
@@ -58,7 +58,7 @@ def test_read_refuses_links_fifos_and_hard_links(home, tmp_path):
         jobfs.read_text(folder(home), "logs", "3.log")
     # a folder on the way replaced by a link
     (home / "batch" / "job-2").symlink_to(home / "batch" / "job-1")
-    with pytest.raises(jobfs.JobFolderError, match="not a folder"):
+    with pytest.raises(jobfs.JobFolderError, match="symbolic link"):
         jobfs.read_text(folder(home, "job-2"), "logs", "0.log")
     assert jobfs.mtime(folder(home, "job-2"), "logs", "0.log") is None
     with pytest.raises(FileNotFoundError):
