@@ -295,6 +295,19 @@ class MetricsHandler(BodyLimit, web.RequestHandler):
         self.finish(data)
 
 
+class OpenAPIHandler(BodyLimit, web.RequestHandler):
+    """``api/openapi.json``: the API's OpenAPI 3 document (labfleet_accounting.openapi)."""
+
+    def initialize(self, prefix: str):
+        self.prefix = prefix
+
+    def get(self):
+        from .openapi import DOCUMENT
+
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({**DOCUMENT, "servers": [{"url": self.prefix.rstrip("/")}]}))
+
+
 class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback, with the application's HubOAuth.
 
@@ -324,6 +337,7 @@ def make_app(
 
     args = {"context": context, "hub_auth": hub_auth}
     routes = [
+        (url_path_join(prefix, "api/openapi.json"), OpenAPIHandler, {"prefix": prefix}),
         (url_path_join(prefix, "api/usage"), UsageHandler, args),
         (url_path_join(prefix, "api/usage/series"), SeriesHandler, args),
         (url_path_join(prefix, "api/usage/recent"), RecentHandler, args),

@@ -341,6 +341,19 @@ class HealthHandler(BodyLimit, web.RequestHandler):
         self.finish({"status": "ok"})
 
 
+class OpenAPIHandler(BodyLimit, web.RequestHandler):
+    """``api/openapi.json``: the API's OpenAPI 3 document (labfleet_batch.openapi)."""
+
+    def initialize(self, prefix: str):
+        self.prefix = prefix
+
+    def get(self):
+        from .openapi import DOCUMENT
+
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({**DOCUMENT, "servers": [{"url": self.prefix.rstrip("/")}]}))
+
+
 class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback with the application's HubOAuth: the one that started
     the login holds its PKCE code verifier (``HubOAuth.instance()`` would not)."""
@@ -356,6 +369,7 @@ def make_app(ctx: Context, prefix: str = "/") -> web.Application:
     args = {"ctx": ctx}
     routes = [
         (url_path_join(prefix, "health"), HealthHandler),
+        (url_path_join(prefix, "api/openapi.json"), OpenAPIHandler, {"prefix": prefix}),
         (url_path_join(prefix, "api/info"), InfoHandler, args),
         (url_path_join(prefix, "api/jobs"), JobsHandler, args),
         (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),

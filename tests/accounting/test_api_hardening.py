@@ -12,6 +12,7 @@ import httpx
 from jupyterhub.services.auth import HubOAuth
 from labfleet_accounting import db
 from labfleet_accounting.budgets import BudgetChecker
+from labfleet_accounting.openapi import DOCUMENT
 from labfleet_accounting.reports import Weights
 from labfleet_accounting.service import Context, make_app
 from labfleet_hub.bodylimit import HARD_CAP_BYTES, MAX_BODY_BYTES
@@ -56,6 +57,11 @@ async def test_oversize_bodies_get_a_json_413_directly_and_through_the_proxy(fak
                     # the connection stays usable
                     r = await client.get(base + "/services/accounting/api/usage", headers=headers)
                     assert r.status_code == 200
+                # the OpenAPI document, without a token
+                r = await client.get(origin + "/services/accounting/api/openapi.json")
+                assert r.status_code == 200
+                assert r.json()["servers"] == [{"url": "/services/accounting"}]
+                assert r.json()["paths"] == json.loads(json.dumps(DOCUMENT["paths"]))
     finally:
         server.stop()
         engine.dispose()

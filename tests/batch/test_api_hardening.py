@@ -14,6 +14,7 @@ import json
 
 import httpx
 from labfleet_batch.local import LocalBackend
+from labfleet_batch.openapi import DOCUMENT
 from labfleet_batch.validation import Limits
 from labfleet_hub.bodylimit import MAX_BODY_BYTES
 from labfleet_hub.posix_ids import hub_api_ids
@@ -71,6 +72,11 @@ async def test_oversize_bodies_get_a_json_413_directly_and_through_the_proxy(
                     # the connection stays usable after a 413
                     r = await client.get(base + "/services/batch/api/jobs", headers=headers)
                     assert r.status_code == 200 and r.json()["jobs"] == []
+                # the OpenAPI document, without a token
+                r = await client.get(origin + "/services/batch/api/openapi.json")
+                assert r.status_code == 200
+                assert r.json()["servers"] == [{"url": "/services/batch"}]
+                assert r.json()["paths"] == json.loads(json.dumps(DOCUMENT["paths"]))
     assert not (storage_root / "home").exists() or not any((storage_root / "home").iterdir())
 
 
