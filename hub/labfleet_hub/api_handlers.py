@@ -19,6 +19,7 @@ from jupyterhub.scopes import has_scope
 from tornado import web
 
 from .posix_ids import POSIX_IDS_SCOPE
+from .posix_registry import posix_ids
 from .tokens import IAM_TOKEN_SCOPE
 
 
@@ -59,8 +60,9 @@ class PosixIdsHandler(APIHandler):
             self.set_status(404)
             self.write(json.dumps({"status": 404, "message": f"no hub user {user_name!r}"}))
             return
-        groups = {g.name: int(g.id) for g in user.groups}
-        self.write(json.dumps({"name": user.name, "id": int(user.id), "groups": groups}))
+        # the never-reused numbers the spawners give the same user (posix_registry)
+        user_number, groups = posix_ids(user, self.db)
+        self.write(json.dumps({"name": user.name, "id": user_number, "groups": groups}))
 
 
 #: The routes an Authenticator's ``get_handlers`` adds (the hub prefixes them with /hub).

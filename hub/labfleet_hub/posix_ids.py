@@ -13,8 +13,10 @@ hub therefore serves::
 allowed only with the custom scope ``custom:labfleet:posix-ids`` (the batch
 service's role has it; users and notebooks do not); the handler is
 :class:`labfleet_hub.api_handlers.PosixIdsHandler`, this module is the
-services' side and imports nothing of the hub's server. Ids are the raw hub ids:
-the caller adds its configured bases, exactly as the spawners do.
+services' side and imports nothing of the hub's server. The ids are the numbers the
+spawners use too, never handed to another name (:mod:`labfleet_hub.posix_registry`;
+the hub's own database ids are reused on SQLite): the caller adds its configured
+bases, exactly as the spawners do.
 """
 
 from __future__ import annotations

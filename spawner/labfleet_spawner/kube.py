@@ -35,6 +35,7 @@ from kubespawner import KubeSpawner
 from kubespawner.slugs import is_valid_label, safe_slug
 from labfleet_hub.contract import KUEUE_ADMISSION_GATE, KUEUE_QUEUE_LABEL, group_local_queue
 from labfleet_hub.kubeclient import KubeAPI
+from labfleet_hub.posix_registry import posix_ids
 from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
@@ -354,15 +355,14 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
 
     # -- from the selection to KubeSpawner's traits ----------------------------------
 
-    def _group_ids(self) -> dict[str, int]:
-        return {g.name: int(g.id) for g in getattr(self.user, "groups", []) or []}
-
     def plan(self, selection: Selection) -> None:
-        """Set every pod-shaping trait from ``selection`` (pure builders, no I/O)."""
+        """Set every pod-shaping trait from ``selection`` (pure builders; the ids are
+        the hub's never-reused numbers, labfleet_hub.posix_registry)."""
         username, groups = self.checked_identity()
         catalogue = self.catalogue
-        uid = self.uid_base + int(self.user.id)
-        gids = [self.gid_base + gid for name, gid in self._group_ids().items() if name in groups]
+        user_number, group_numbers = posix_ids(self.user)
+        uid = self.uid_base + user_number
+        gids = [self.gid_base + gid for name, gid in group_numbers.items() if name in groups]
 
         self.image = selection.image.image
         size = selection.size

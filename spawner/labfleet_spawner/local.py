@@ -41,6 +41,7 @@ from typing import ClassVar
 from jupyterhub.spawner import LocalProcessSpawner
 from labfleet_accounting.spool import STATE_START as STATE_ACCOUNTING_START
 from labfleet_accounting.spool import SpoolHook
+from labfleet_hub.posix_registry import posix_ids
 from tornado import web
 from traitlets import Any, Bool, Dict, Enum, Float, Instance, Integer, List, Unicode, default
 
@@ -488,21 +489,23 @@ class LocalGPUSpawner(CatalogueSpawnerMixin, LabSettingsMixin, LocalProcessSpawn
 
     # -- identity and storage -------------------------------------------------
 
-    def _group_ids(self) -> dict[str, int]:
-        """Hub groups of the user that can be directories, with their hub ids."""
+    def _posix_ids(self) -> tuple[int, dict[str, int]]:
+        """The user's number and those of its hub groups that can be directories
+        (never reused: labfleet_hub.posix_registry)."""
+        user_number, numbers = posix_ids(self.user)
         groups = {}
-        for group in getattr(self.user, "groups", []) or []:
+        for name, number in numbers.items():
             try:
-                groups[check_group_name(group.name)] = int(group.id)
+                groups[check_group_name(name)] = number
             except StorageError as e:
                 self.log.warning("No group directory for %s: %s", self._log_name, e)
-        return groups
+        return user_number, groups
 
     def plan_layout(self) -> StorageLayout:
-        """This user's storage layout (pure; raises StorageError on unusable names or ids)."""
-        groups = self._group_ids()
-        check_id_ranges(self.uid_base, self.gid_base, self.user.id, groups.values())
-        uid = mapped_uid(self.user.id, self.uid_base)
+        """This user's storage layout (raises StorageError on unusable names or ids)."""
+        user_number, groups = self._posix_ids()
+        check_id_ranges(self.uid_base, self.gid_base, user_number, groups.values())
+        uid = mapped_uid(user_number, self.uid_base)
         return plan_storage(
             self.storage_root,
             self.user.name,

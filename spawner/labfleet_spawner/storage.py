@@ -12,11 +12,12 @@ validates every name (pure); :func:`apply_storage` makes the directories
 (I/O). :func:`prepare_storage` does both.
 
 Users and groups need no entry in ``/etc/passwd``: ids come from the hub
-database, ``uid = uid_base + user.id`` and ``gid = gid_base + group.id``, which
-are stable across restarts. Each user's primary group is a private one with
-gid == uid. The two ranges must never overlap -- a user whose private gid
-equalled a hub group's gid would get into that group's directory --
-:func:`check_id_ranges` enforces it.
+database, ``uid = uid_base + n`` and ``gid = gid_base + m``, where ``n`` and ``m``
+are the numbers of the user's and the group's names, stable across restarts and
+never handed to another name (:mod:`labfleet_hub.posix_registry`). Each user's
+primary group is a private one with gid == uid. The two ranges must never
+overlap -- a user whose private gid equalled a hub group's gid would get into
+that group's directory -- :func:`check_id_ranges` enforces it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class StorageError(ValueError):
 
 
 def mapped_uid(user_id: int, base: int = DEFAULT_UID_BASE) -> int:
-    """The uid of a hub user: ``base + user.id`` (hub ids start at 1)."""
+    """The uid of a hub user: ``base +`` its number (posix_registry; from 1)."""
     if int(user_id) < 1:
         raise StorageError(f"hub user id must be positive, not {user_id}")
     return base + int(user_id)

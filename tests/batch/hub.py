@@ -92,7 +92,25 @@ class Hub:
         return str(self.state / "jupyterhub.sqlite")
 
     def db_ids(self, username: str) -> tuple[int, dict[str, int]]:
-        """The user's hub ids straight from the hub's database (ground truth for tests)."""
+        """The numbers the user's uid and groups' gids are made of, straight from the
+        hub's database (``labfleet_posix_ids``, labfleet_hub.posix_registry; ground
+        truth for tests, once something asked for them)."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)) as db:
+            [(user_id,)] = db.execute(
+                "SELECT number FROM labfleet_posix_ids WHERE kind = 'user' AND name = ?",
+                (username,),
+            )
+            groups = db.execute(
+                "SELECT g.name, p.number FROM groups g JOIN user_group_map m ON m.group_id = g.id "
+                "JOIN users u ON u.id = m.user_id "
+                "JOIN labfleet_posix_ids p ON p.kind = 'group' AND p.name = g.name "
+                "WHERE u.name = ?",
+                (username,),
+            ).fetchall()
+        return int(user_id), {name: int(gid) for name, gid in groups}
+
+    def hub_db_ids(self, username: str) -> tuple[int, dict[str, int]]:
+        """The user's and groups' own ids in the hub's database (reused by SQLite)."""
         with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)) as db:
             [(user_id,)] = db.execute("SELECT id FROM users WHERE name = ?", (username,))
             groups = db.execute(

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import sqlite3
 import tempfile
 import uuid
 from pathlib import Path
@@ -119,8 +118,8 @@ def by_prefix(users, prefix):
 
 
 def hub_user_id(hub, name) -> int:
-    with sqlite3.connect(f"file:{hub.db_path}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()[0]
+    """The number of the user's uid (labfleet_hub.posix_registry), once allocated."""
+    return hub.db_ids(name)[0]
 
 
 async def test_indexed_job_runs_as_mapped_uid_with_files_and_logs(service, hub, users, groups):

@@ -59,3 +59,62 @@ async def test_answers_are_cached_for_a_while_then_refreshed(hub):
     assert set((await cached(name))[1]) == {"ml"}
     # ... and once it expires the new group is seen
     assert set((await fresh(name))[1]) == {"ml", "cms"}
+
+
+# -- ids are never reused (issue 10) ------------------------------------------------------
+#
+# On SQLite the hub gives a new user (or group) the id of the newest one deleted. The
+# uid and gids used to be made of those ids, so the new user owned the old user's home
+# and the new group's members got into the old group's folder. The numbers now come
+# from labfleet_hub.posix_registry: a number is never handed to another name.
+
+
+async def test_a_new_user_never_gets_a_deleted_users_uid(hub):
+    old, new = "gone" + uuid.uuid4().hex[:6], "next" + uuid.uuid4().hex[:6]
+    hub.add_user(old, [])
+    old_number = (await hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)(old))[0]
+    old_hub_id = hub.hub_db_ids(old)[0]
+    hub.api("DELETE", f"/users/{old}")
+    hub.add_user(new, [])
+    assert hub.hub_db_ids(new)[0] == old_hub_id  # the hub reused its id ...
+    new_number = (await hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)(new))[0]
+    assert new_number != old_number  # ... its uid is not the deleted user's
+    assert new_number > old_number and hub.db_ids(new)[0] == new_number
+    # a name created again is the same account (home/<name>): it gets its number back
+    hub.add_user(old, [])
+    assert (await hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)(old))[0] == old_number
+    # and the next new name still gets a number nobody had
+    third = "more" + uuid.uuid4().hex[:6]
+    hub.add_user(third, [])
+    third_number = (await hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)(third))[0]
+    assert third_number not in (old_number, new_number)
+
+
+async def test_a_new_group_never_gets_a_deleted_groups_gid(hub):
+    member = "memb" + uuid.uuid4().hex[:6]
+    old, new = "gone" + uuid.uuid4().hex[:6], "next" + uuid.uuid4().hex[:6]
+    hub.add_user(member, [old])
+    ids = hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)
+    old_number = (await ids(member))[1][old]
+    old_hub_id = hub.hub_db_ids(member)[1][old]
+    hub.api("DELETE", f"/groups/{old}")
+    hub.add_user(member, [new])
+    assert hub.hub_db_ids(member)[1] == {new: old_hub_id}  # the hub reused its id ...
+    new_number = (await ids(member))[1][new]
+    assert new_number != old_number  # ... its gid is not the deleted group's
+    assert hub.db_ids(member)[1] == {new: new_number}
+
+
+async def test_ids_given_before_stay_the_same(hub):
+    """Numbers already handed out (at the first use, every user's own hub id) never move."""
+    names = ["keep" + uuid.uuid4().hex[:6] for _ in range(3)]
+    for name in names:
+        hub.add_user(name, ["ml"])
+    ids = hub_api_ids(hub.url, hub.batch_token, cache_seconds=0)
+    before = {name: await ids(name) for name in names}
+    hub.api("DELETE", f"/users/{names[1]}")
+    other = "else" + uuid.uuid4().hex[:6]
+    hub.add_user(other, ["ml"])
+    await ids(other)
+    for name in (names[0], names[2]):
+        assert await ids(name) == before[name]

@@ -50,8 +50,11 @@ def expected_uid(platform, username: str) -> int:
     """The uid a job must run as: the notebook's mapped uid when the hub is root."""
     if os.geteuid() != 0:
         return os.geteuid()
-    [(user_id,)] = platform.query("SELECT id FROM users WHERE name = ?", username)
-    return 200000 + user_id
+    # the user's never-reused number (labfleet_hub.posix_registry), given at the first job
+    [(number,)] = platform.query(
+        "SELECT number FROM labfleet_posix_ids WHERE kind = 'user' AND name = ?", username
+    )
+    return 200000 + number
 
 
 @contextlib.contextmanager
