@@ -142,6 +142,11 @@ def test_allowed_user_reaches_jupyterlab(platform, page):
     hub_log = (platform.state_dir / "logs" / "jupyterhub.log").read_text()
     if "Not isolating users" not in hub_log:
         assert uid >= 200000, f"alice's notebook runs as uid {uid}"
+        # her never-reused number from the hub's database (labfleet_hub.posix_registry)
+        [(number,)] = platform.query(
+            "SELECT number FROM labfleet_posix_ids WHERE kind = 'user' AND name = 'alice'"
+        )
+        assert uid == 200000 + number
         home = next(line for line in mine[0].split("\0") if line.startswith("LABFLEET_HOME="))
         home_path = home.split("=", 1)[1]
         assert os.stat(home_path).st_uid == uid
