@@ -1,10 +1,10 @@
 """The hub's user and group ids, for services that must act as a user's notebook.
 
-Notebooks run as uid ``uid_base + <hub user id>`` (private gid of the same
-number) with one supplementary gid ``gid_base + <hub group id>`` per group, in
+Notebooks run as uid ``uid_base + <user number>`` (private gid of the same
+number) with one supplementary gid ``gid_base + <group number>`` per group, in
 single-node and Kubernetes mode alike, so files on the shared filesystem keep
 one owner. A batch Job writes to the same home and group folders and must run
-with the same ids, but the hub's REST API does not expose database ids. The
+with the same ids, but the hub's REST API does not expose them. The
 hub therefore serves::
 
     GET /hub/api/labfleet/posix-ids/<user>
