@@ -155,10 +155,13 @@ class SeriesHandler(BaseHandler):
         if (scope := self.scope()) is None:
             return
         start, end, label, flt = scope
-        series = await self.db(
-            query_series, self.ctx.engine, start, end, bucket, flt, self.ctx.weights,
-            int(self.ctx.clock()),
-        )  # fmt: skip
+        try:
+            series = await self.db(
+                query_series, self.ctx.engine, start, end, bucket, flt, self.ctx.weights,
+                int(self.ctx.clock()),
+            )  # fmt: skip
+        except PeriodError as e:  # too many buckets (a month by the hour): a 400, not a 500
+            return self.fail(400, str(e))
         self.finish({"period": label, "bucket": bucket, "series": series})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import httpx
 from labfleet_batch.local import LocalBackend
@@ -42,6 +43,7 @@ async def capped_service(hub, qconfig, storage_root, **limits):
         allocator=DeviceAllocator([]),
         hub_ids=hub_api_ids(hub.url, hub.batch_token),
         kill_grace=2,
+        isolate=os.geteuid() == 0,  # as root under mapped uids; else as the test's user
     )
     ctx = make_context(backend, CATALOGUE, qconfig, hub, limits=Limits(min_run_time=1, **limits))
     async with running_service(ctx) as svc:
