@@ -120,6 +120,9 @@ def start_service(
         "c.BatchService.pod_storage = {'volume': {'emptyDir': {}}}\n"
         # as labfleet up configures it: Jobs run with their owner's hub ids
         "c.BatchService.job_ids_from_hub = True\n"
+        # throughput of submissions, not the caps on waiting jobs (every job here waits)
+        "c.BatchService.max_waiting_per_user = 0\n"
+        "c.BatchService.max_waiting_per_group = 0\n"
     )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")},

@@ -25,6 +25,7 @@ job the caller may not see answers 404, exactly as a job that does not exist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -219,7 +220,10 @@ class JobsHandler(BaseHandler):
         except RequestError as e:
             raise web.HTTPError(400, "%s", str(e)) from None
         decision = await self.check_budget(request)
-        async with self.ctx.submit_lock:
+        limits = self.ctx.limits
+        capped = limits.max_waiting_per_user > 0 or limits.max_waiting_per_group > 0
+        # with caps, one submission at a time: counted and created together
+        async with self.ctx.submit_lock if capped else contextlib.nullcontext():
             await self.check_waiting(request.group)
             try:
                 record = await self.ctx.backend.submit(request, self.caller.name)
