@@ -8,7 +8,8 @@ is then still writing, gets ``ECONNRESET`` and answers its own 503 HTML page.
 (:data:`HARD_CAP_BYTES`, the HTTP server's ``max_body_size``), then answers a
 JSON 413 naming the limit instead of calling the handler's method. Bodies
 within the limit reach the method as usual (``self.request.body``, form
-arguments parsed).
+arguments parsed). A refusal raised in ``prepare`` (a missing token: 401) is
+likewise answered once the body is read.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class BodyLimit(web.RequestHandler):
 
     async def _execute(self, transforms, *args, **kwargs):
         self._body_state()
+        prepare = self.prepare
+
+        async def prepare_then_read():
+            # A refusal in prepare (401, 403) is answered once the body is read too:
+            # answered at once, the connection would close on the unread body.
+            try:
+                result = prepare()
+                if result is not None:
+                    await result
+            except Exception as e:
+                self._prepare_error = e
+
+        self.prepare = prepare_then_read
         return await super()._execute(transforms, *args, **kwargs)
 
     def data_received(self, chunk: bytes) -> None:
@@ -62,6 +76,14 @@ class BodyLimit(web.RequestHandler):
             self._body_chunks = []  # dropped; read on to the end all the same
 
     def _body_complete(self) -> None:
+        error = getattr(self, "_prepare_error", None)
+        if error is not None:
+
+            def refuse(*args, **kwargs):
+                raise error
+
+            setattr(self, self.request.method.lower(), refuse)
+            return
         if self._body_size > self.max_body_bytes:
             # answered instead of the handler's method, once the whole body is read
             setattr(self, self.request.method.lower(), self._refuse_too_large)

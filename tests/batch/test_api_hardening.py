@@ -67,6 +67,10 @@ async def test_oversize_bodies_get_a_json_413_directly_and_through_the_proxy(
                         payload = json.dumps({"script": "x" * size}).encode()
                         r = await client.post(url, content=payload, headers=headers)
                         assert_json_413(r)
+                    # without a token: the JSON 401 of prepare, also after a large body
+                    no_token = {"Content-Type": "application/json"}
+                    r = await client.post(url, content=payload, headers=no_token)
+                    assert r.status_code == 401 and "token" in r.json()["message"], r.text
                     # within the limit: an ordinary answer (here 400: the script's limit)
                     body = json.dumps({"script": "x" * (MAX_BODY_BYTES - 100)})
                     r = await client.post(url, content=body, headers=headers)
