@@ -33,12 +33,13 @@ import time
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
-from labfleet_hub.bodylimit import BodyLimit
+from labfleet_hub.bodylimit import BodyLimit, OpenAPIHandler
 from labfleet_hub.service_page import HubNav
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tornado import web
 
+from . import openapi
 from .authz import Forbidden, Identity, may_manage_group, scope_for
 from .budgets import BudgetChecker
 from .reports import (
@@ -298,19 +299,6 @@ class MetricsHandler(BodyLimit, web.RequestHandler):
         self.finish(data)
 
 
-class OpenAPIHandler(BodyLimit, web.RequestHandler):
-    """``api/openapi.json``: the API's OpenAPI 3 document (labfleet_accounting.openapi)."""
-
-    def initialize(self, prefix: str):
-        self.prefix = prefix
-
-    def get(self):
-        from .openapi import DOCUMENT
-
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({**DOCUMENT, "servers": [{"url": self.prefix.rstrip("/")}]}))
-
-
 class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback, with the application's HubOAuth.
 
@@ -340,7 +328,11 @@ def make_app(
 
     args = {"context": context, "hub_auth": hub_auth}
     routes = [
-        (url_path_join(prefix, "api/openapi.json"), OpenAPIHandler, {"prefix": prefix}),
+        (
+            url_path_join(prefix, "api/openapi.json"),
+            OpenAPIHandler,
+            {"prefix": prefix, "document": openapi.DOCUMENT},
+        ),  # fmt: skip
         (url_path_join(prefix, "api/usage"), UsageHandler, args),
         (url_path_join(prefix, "api/usage/series"), SeriesHandler, args),
         (url_path_join(prefix, "api/usage/recent"), RecentHandler, args),

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import yaml
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, check_scopes
 from jupyterhub.utils import url_path_join
-from labfleet_hub.bodylimit import HARD_CAP_BYTES, BodyLimit
+from labfleet_hub.bodylimit import HARD_CAP_BYTES, BodyLimit, OpenAPIHandler
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 from labfleet_hub.private import BUDGET_DB_URL_ENV
 from labfleet_hub.procs import stop_event
@@ -49,6 +49,7 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Dict, Enum, Float, Instance, Integer, List, Unicode, default
 from traitlets.config import Application
 
+from . import openapi
 from .authz import Caller, Policy
 from .budget import BudgetGate, BudgetUnavailable, budget_gate_from_url
 from .model import FINAL_STATES, QUEUED, LogsUnavailable, completion_index
@@ -345,19 +346,6 @@ class HealthHandler(BodyLimit, web.RequestHandler):
         self.finish({"status": "ok"})
 
 
-class OpenAPIHandler(BodyLimit, web.RequestHandler):
-    """``api/openapi.json``: the API's OpenAPI 3 document (labfleet_batch.openapi)."""
-
-    def initialize(self, prefix: str):
-        self.prefix = prefix
-
-    def get(self):
-        from .openapi import DOCUMENT
-
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({**DOCUMENT, "servers": [{"url": self.prefix.rstrip("/")}]}))
-
-
 class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback with the application's HubOAuth: the one that started
     the login holds its PKCE code verifier (``HubOAuth.instance()`` would not)."""
@@ -373,7 +361,11 @@ def make_app(ctx: Context, prefix: str = "/") -> web.Application:
     args = {"ctx": ctx}
     routes = [
         (url_path_join(prefix, "health"), HealthHandler),
-        (url_path_join(prefix, "api/openapi.json"), OpenAPIHandler, {"prefix": prefix}),
+        (
+            url_path_join(prefix, "api/openapi.json"),
+            OpenAPIHandler,
+            {"prefix": prefix, "document": openapi.DOCUMENT},
+        ),  # fmt: skip
         (url_path_join(prefix, "api/info"), InfoHandler, args),
         (url_path_join(prefix, "api/jobs"), JobsHandler, args),
         (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),

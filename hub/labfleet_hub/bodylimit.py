@@ -102,3 +102,17 @@ class BodyLimit(web.RequestHandler):
         self.finish(
             json.dumps({"status": 413, "message": message, "max_body_bytes": self.max_body_bytes})
         )
+
+
+class OpenAPIHandler(BodyLimit, web.RequestHandler):
+    """``api/openapi.json``: a service's OpenAPI 3 document, with the prefix it is served
+    under as its server (the batch and accounting services each pass their document)."""
+
+    def initialize(self, prefix: str, document: dict):
+        self.prefix = prefix
+        self.document = document
+
+    def get(self):
+        self.set_header("Content-Type", "application/json")
+        servers = [{"url": self.prefix.rstrip("/")}]
+        self.finish(json.dumps({**self.document, "servers": servers}))
