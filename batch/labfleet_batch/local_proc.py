@@ -7,8 +7,11 @@ job's user, inside a PID namespace of the job's own:
   namespace whose first process (its "init") is :data:`EXIT_WRAPPER`. When
   that process ends, the kernel kills every other process in the namespace:
   nothing a job starts (``setsid``, double forks, children that ignore
-  SIGTERM) outlives the job, its cancel or its time limit. ``--kill-child``
-  also ends the namespace if ``unshare`` itself is killed.
+  SIGTERM) outlives the job, its cancel or its time limit. The service ends a
+  completion through its process group (``unshare`` and the init, which keep
+  ``unshare``'s group): SIGKILL to the group reaches the init, and the kernel
+  ends the rest. (``--kill-child`` alone would not do: ``setpriv``'s change of
+  credentials clears the init's parent-death signal.)
 - ``setpriv`` drops to the user's uid, gid and groups before the wrapper runs;
   the wrapper then changes into the job's folder, opens the completion's log
   and writes its exit status, all as the user. The service never opens a file
