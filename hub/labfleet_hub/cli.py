@@ -79,11 +79,18 @@ def stop_stray_proxy(pid_file: Path) -> None:
             pass
 
 
-def cmd_check_config(args) -> int:
+def config_values(path: str) -> dict | None:
+    """The platform YAML's values, or None after saying what is wrong with it."""
     try:
-        values = load_values(args.config)
+        return load_values(path)
     except ConfigError as e:
         print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args) -> int:
+    values = config_values(args.config)
+    if values is None:
         return 1
     print(f"{args.config}: valid (catalogue {values['catalogue']}: valid)")
     return 0
@@ -93,10 +100,8 @@ def cmd_prometheus_config(args) -> int:
     """Print a Prometheus configuration that scrapes the accounting service's metrics."""
     from .configurer import prometheus_config
 
-    try:
-        values = load_values(args.config)
-    except ConfigError as e:
-        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+    values = config_values(args.config)
+    if values is None:
         return 1
     print(
         "# labfleet accounting metrics (docs/accounting.md). Prometheus must be able to read\n"
@@ -113,10 +118,8 @@ def cmd_sync_queues(args) -> int:
     from labfleet_batch.queues import parse_queue_config, queue_objects, sync_queues
     from labfleet_spawner.catalogue import load_catalogue
 
-    try:
-        values = load_values(args.config)
-    except ConfigError as e:
-        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+    values = config_values(args.config)
+    if values is None:
         return 1
     catalogue = load_catalogue(values["catalogue"])
     config = parse_queue_config(
@@ -171,10 +174,8 @@ def isolation_notice(values: dict, euid: int) -> str:
 
 def cmd_up(args) -> int:
     step(f"checking {args.config}")
-    try:
-        values = load_values(args.config)
-    except ConfigError as e:
-        print(f"labfleet: invalid configuration: {e}", file=sys.stderr)
+    values = config_values(args.config)
+    if values is None:
         return 1
     hub = values["hub"]
     notice = isolation_notice(values, os.geteuid())
