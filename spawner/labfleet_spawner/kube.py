@@ -17,7 +17,11 @@
   has been unschedulable for ``unschedulable_grace_period`` seconds;
 - optional Kueue plain-pod integration for profiles with ``kueue: true``, with
   the pod's place in its queue in the progress messages (Kueue's visibility
-  API, else an estimate from the namespace's Workloads).
+  API, else an estimate from the namespace's Workloads);
+- no secret in the pod spec: the server's API token and every variable named
+  like a secret live in a per-server Secret (``<pod>-env``, created before the
+  pod, owned by it once it exists, deleted at stop) that the pod references
+  with ``secretKeyRef`` (:mod:`.secretenv`), so readers of pods learn no token.
 
 Bad names (a user or group name that cannot be a label value or a directory)
 are refused with HTTP 400 before any Kubernetes object exists.
@@ -30,17 +34,23 @@ import time
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from kubernetes_asyncio.client import V1PodSchedulingGate
+from jupyterhub.utils import exponential_backoff
+from kubernetes_asyncio.client import (
+    V1EnvVar,
+    V1EnvVarSource,
+    V1PodSchedulingGate,
+    V1SecretKeySelector,
+)
 from kubespawner import KubeSpawner
 from kubespawner.slugs import is_valid_label, safe_slug
 from labfleet_hub.contract import KUEUE_ADMISSION_GATE, KUEUE_QUEUE_LABEL, group_local_queue
-from labfleet_hub.kubeclient import KubeAPI
+from labfleet_hub.kubeclient import KubeAPI, KubeError
 from labfleet_hub.posix_registry import posix_ids
 from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 
-from . import objects
+from . import objects, secretenv
 from .availability import ClusterWatch
 from .base import CatalogueSpawnerMixin
 from .catalogue import Selection
@@ -322,8 +332,24 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         "waits for Kueue admission. 0: do not show the position.",
     )
 
+    # -- secrets ----------------------------------------------------------------
+
+    env_secret_pattern = Unicode(
+        secretenv.DEFAULT_SECRET_PATTERN,
+        config=True,
+        help="""Environment variables whose names match this regular expression (any
+        case, anywhere in the name) are put into the server's own Secret
+        (``<pod name>-env``) and referenced with ``valueFrom.secretKeyRef`` instead
+        of being written into the pod spec, where every reader of pods would see
+        them. The server's ``JUPYTERHUB_API_TOKEN``/``JPY_API_TOKEN`` always are;
+        empty: only those. Needs ``create``, ``patch`` and ``delete`` on ``secrets``
+        in the notebook namespace (spawner/manifests/rbac.yaml).
+        """,
+    )
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._env_secret_data: dict[str, str] = {}
         self._position_source = ""
         self._queue_position: int | None = None  # last one shown, for a timeout's message
         self._configured = {name: self._as_list(getattr(self, name)) for name in _MERGED_TRAITS}
@@ -448,7 +474,107 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         pod.metadata.annotations = {**(pod.metadata.annotations or {}), **annotations}
         if self._gates:
             pod.spec.scheduling_gates = [V1PodSchedulingGate(name=g["name"]) for g in self._gates]
+        self._move_secret_env(pod.spec.containers[0])
         return pod
+
+    # -- the server's Secret -------------------------------------------------------
+
+    @property
+    def env_secret_name(self) -> str:
+        return secretenv.env_secret_name(self.pod_name)
+
+    def _move_secret_env(self, container) -> None:
+        """Replace the notebook container's secret values by references to the Secret."""
+        plain = {e.name: e.value for e in container.env or [] if e.value_from is None and e.value}
+        refs, self._env_secret_data = secretenv.split_env(
+            plain, self.env_secret_name, self.env_secret_pattern
+        )
+        moved = []
+        for e in container.env or []:
+            ref = refs.get(e.name) if e.value_from is None else None
+            if ref is None:
+                moved.append(e)
+                continue
+            key = ref["valueFrom"]["secretKeyRef"]
+            source = V1SecretKeySelector(name=key["name"], key=key["key"])
+            moved.append(V1EnvVar(name=e.name, value_from=V1EnvVarSource(secret_key_ref=source)))
+        container.env = moved
+
+    def _kube(self) -> KubeAPI:
+        return KubeAPI(self.api.api_client)
+
+    async def _put_env_secret(self) -> None:
+        """Create the server's Secret, replacing one left by an earlier start."""
+        labels = self._build_common_labels(self._expand_all(self.extra_labels))
+        body = secretenv.env_secret(
+            self.env_secret_name, self.namespace, self._env_secret_data, labels
+        )
+        path = f"/api/v1/namespaces/{quote(self.namespace)}/secrets"
+        try:
+            try:
+                await self._kube().request("POST", path, body=body)
+            except KubeError as e:
+                if e.status != 409:
+                    raise
+                await self._delete_env_secret()
+                await self._kube().request("POST", path, body=body)
+        except KubeError as e:
+            raise _http_error(
+                500,
+                f"cannot create your server's secret {self.env_secret_name} in namespace "
+                f"{self.namespace} ({e}); the hub needs create, patch and delete on secrets "
+                "there (spawner/manifests/rbac.yaml)",
+                "Secret refused",
+            ) from None
+
+    async def _own_env_secret(self) -> None:
+        """Make the running pod the Secret's owner (the garbage collector then removes it
+        with the pod, even if the hub never calls stop)."""
+        ref_key = f"{self.namespace}/{self.pod_name}"
+        try:
+            await exponential_backoff(
+                lambda: self.pod_has_uid(self.pod_reflector.pods.get(ref_key)),
+                f"pod/{ref_key} does not have a uid",
+                timeout=self.k8s_api_request_retry_timeout,
+            )
+            uid = self.pod_reflector.pods[ref_key]["metadata"]["uid"]
+            await self._kube().request(
+                "PATCH",
+                f"/api/v1/namespaces/{quote(self.namespace)}/secrets/{quote(self.env_secret_name)}",
+                body=secretenv.pod_owner(self.pod_name, uid),
+                content_type="application/merge-patch+json",
+            )
+        except (KubeError, TimeoutError) as e:
+            # the server still works; stop deletes the Secret
+            self.log.warning("Secret %s not owned by its pod: %s", self.env_secret_name, e)
+
+    async def _delete_env_secret(self) -> None:
+        try:
+            await self._kube().request(
+                "DELETE",
+                f"/api/v1/namespaces/{quote(self.namespace)}/secrets/{quote(self.env_secret_name)}",
+            )
+        except KubeError as e:
+            if e.status != 404:
+                raise
+
+    async def _make_create_pod_request(self, pod, request_timeout):
+        # The Secret first: a container whose secretKeyRef is missing cannot start.
+        # Every attempt, since a conflicting old pod is stopped (Secret included) between.
+        await self._put_env_secret()
+        created = await super()._make_create_pod_request(pod, request_timeout)
+        if created:
+            await self._own_env_secret()
+        return created
+
+    async def stop(self, now=False):
+        try:
+            await super().stop(now=now)
+        finally:
+            try:
+                await self._delete_env_secret()
+            except KubeError as e:
+                self.log.error("Cannot delete %s: %s", self.env_secret_name, e)
 
     def get_env(self):
         env = super().get_env()

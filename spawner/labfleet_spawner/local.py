@@ -57,6 +57,7 @@ from .devices import (
 from .isolation import IsolationRefused, decide
 from .lab_settings import LabSettingsMixin
 from .nvml import discover
+from .secretenv import DEFAULT_SECRET_PATTERN, SERVER_TOKENS
 from .storage import (
     DEFAULT_GID_BASE,
     DEFAULT_UID_BASE,
@@ -70,10 +71,8 @@ from .storage import (
     plan_storage,
 )
 
-#: Names of environment variables that must not reach a notebook (matched anywhere, any case).
-DEFAULT_SECRET_PATTERN = r"SECRET|PASSWORD|PASSWD|PRIVATE_KEY|TOKEN|CRYPT_KEY|API_KEY|CREDENTIAL"
 #: The notebook server's own credentials, which it needs to talk to the hub.
-DEFAULT_SECRET_ALLOWED = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
+DEFAULT_SECRET_ALLOWED = SERVER_TOKENS
 
 STATE_DEVICES = "labfleet_devices"
 #: This hub's side in the device claims registry shared with the batch service.

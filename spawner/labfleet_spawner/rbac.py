@@ -9,6 +9,12 @@ nothing more. In the notebook namespace (Role ``labfleet-hub``):
   can start);
 - ``events``: ``list``, ``watch`` (KubeSpawner's event reflector, shown on the
   progress page; ``events_enabled``);
+- ``secrets``: ``create`` (each server's ``<pod>-env`` Secret with its API token,
+  before the pod: the pod spec only references it, so readers of pods learn no
+  token), ``patch`` (make the pod its owner once the pod exists: garbage
+  collected with it), ``delete`` (at stop). Never ``get``, ``list`` or ``watch``;
+  ``patch`` and ``delete`` answer with the object, so keep other Secrets out of
+  the notebook namespace (labfleet_spawner.secretenv);
 - ``persistentvolumeclaims``: ``create`` (home claim on first start), ``get``
   (KubeSpawner checks an existing claim after a 403 on create, and for
   legacy-named claims), ``delete`` (``delete_forever`` when a user is removed);
@@ -24,8 +30,8 @@ the spawn form (``ClusterWatch``: free = allocatable minus what pods in *all*
 namespaces request, batch jobs included); leave it out with
 ``availability_enabled: false``.
 
-Not granted: secrets, services, namespaces, any write outside the notebook
-namespace. KubeSpawner's ``internal_ssl``, ``services_enabled`` and
+Not granted: reading secrets, services, namespaces, any write outside the
+notebook namespace. KubeSpawner's ``internal_ssl``, ``services_enabled`` and
 ``enable_user_namespaces`` (which would need them) are not used by labfleet.
 Run ``python -m labfleet_spawner.rbac`` to print the shipped manifest
 (``spawner/manifests/rbac.yaml``).
@@ -43,6 +49,7 @@ RBAC_API = "rbac.authorization.k8s.io"
 POD_RULES = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete", "list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
 ]
 PVC_RULES = [
     {

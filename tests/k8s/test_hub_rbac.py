@@ -433,9 +433,12 @@ async def test_everything_outside_the_rules_is_refused(hub_sa):
         ("create", "pods/exec", ns),  # no shell in anybody's notebook
         ("create", "pods/portforward", ns),
         ("get", "pods/log", ns),
-        ("get", "secrets", ns),
+        ("get", "secrets", ns),  # the servers' Secrets are written, never read
         ("list", "secrets", None),
-        ("create", "secrets", ns),
+        ("watch", "secrets", ns),
+        ("update", "secrets", ns),
+        ("create", "secrets", other),
+        ("delete", "secrets", other),
         ("create", "serviceaccounts/token", ns),
         ("create", "services", ns),
         ("create", "configmaps", ns),
@@ -470,11 +473,11 @@ async def test_everything_outside_the_rules_is_refused(hub_sa):
         for resource in rule["resources"]
         for verb in rule["verbs"]
     ]
-    assert len(granted) == 15  # 11 in the notebook namespace, 4 cluster-wide
+    assert len(granted) == 18  # 14 in the notebook namespace, 4 cluster-wide
     assert [g for g in granted if not hub_sa.allowed(*g)] == []
     cluster_wide = {(verb, res) for verb, res, where in granted if where is None}
     namespaced = [(v, r) for v, r, where in granted if where and (v, r) not in cluster_wide]
-    assert len(namespaced) == 9  # pods list/watch are also cluster-wide (availability)
+    assert len(namespaced) == 12  # pods list/watch are also cluster-wide (availability)
     assert [(v, r) for v, r in namespaced if hub_sa.allowed(v, r, other)] == []
 
 

@@ -44,6 +44,7 @@ def test_default_rules_exactly():
     assert grants(objs["Role"]) == {
         ("", "pods"): {"create", "delete", "list", "watch"},
         ("", "events"): {"list", "watch"},
+        ("", "secrets"): {"create", "patch", "delete"},
         ("", "persistentvolumeclaims"): {"create", "get", "delete"},
         ("kueue.x-k8s.io", "workloads"): {"list"},
         ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads"): {"get"},
@@ -54,21 +55,25 @@ def test_default_rules_exactly():
     }
 
 
-def test_no_wildcards_no_secrets_and_cluster_scope_read_only():
+def test_no_wildcards_secrets_written_never_read_and_cluster_scope_read_only():
     objs = by_kind(hub_rbac_objects("labfleet-hub", "labfleet", "labfleet"))
     checked = 0
     for kind in ("Role", "ClusterRole"):
         for rule in objs[kind]["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert not any("*" in value for value in rule[field]), (kind, rule)
-            assert not any(
-                r.split("/")[0] in ("secrets", "serviceaccounts") for r in rule["resources"]
-            )
-            assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate", "update", "patch"}
+            assert "serviceaccounts" not in {r.split("/")[0] for r in rule["resources"]}
+            assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate", "update"}
+            if "secrets" in rule["resources"]:
+                # the servers' own Secrets: written, owned by their pods, deleted; never read
+                assert kind == "Role" and rule["resources"] == ["secrets"], rule
+                assert set(rule["verbs"]) == {"create", "patch", "delete"}, rule
+            else:
+                assert "patch" not in rule["verbs"], rule
             if kind == "ClusterRole":
                 assert set(rule["verbs"]) <= READ_ONLY, rule
             checked += 1
-    assert checked == 6  # five namespaced rules, one cluster-wide
+    assert checked == 7  # six namespaced rules, one cluster-wide
 
 
 def test_bindings_tie_the_service_account_to_its_roles_only():

@@ -180,7 +180,7 @@ async def test_cpu_manifest_security_volumes_labels():
     assert labels[contract.LABEL_USER] == "bob"
     assert labels[contract.LABEL_GROUP] == "cms"
     assert contract.LABEL_ACCELERATOR not in labels
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["LABFLEET_ACCOUNTING_GROUP"] == "cms"
     assert env["LABFLEET_GROUP_DIRS"] == "/shared/groups/cms:/shared/groups/users"
     assert "gate" not in str(spec.get("schedulingGates"))
@@ -217,6 +217,48 @@ async def test_admin_config_is_merged_not_replaced_and_not_accumulated():
     exprs = required_exprs(p)
     assert ("zone", "In", ("a",)) in exprs
     assert ("nvidia.com/gpu.product", "In", ("Tesla-T4",)) in exprs
+
+
+async def test_tokens_and_secret_named_variables_are_references_to_the_servers_secret():
+    config = Config()
+    config.PlatformKubeSpawner.environment = {
+        "S3_SECRET_KEY": "admin-s3-secret",
+        "HF_TOKEN": "admin-hf-token",
+        "PLAIN": "visible",
+    }
+    spawner = make_spawner(config=config)
+    p = await manifest(spawner, {"profile": "cpu"})
+    text = str(p)
+    for value in ("the-api-token", "admin-s3-secret", "admin-hf-token"):
+        assert value not in text  # nowhere in the pod: env, annotations, anything
+    env = {e["name"]: e for e in container(p)["env"]}
+    secret = f"{spawner.pod_name}-env"
+    for name in ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "S3_SECRET_KEY", "HF_TOKEN"):
+        assert env[name] == {
+            "name": name,
+            "valueFrom": {"secretKeyRef": {"name": secret, "key": name}},
+        }
+    assert env["PLAIN"] == {"name": "PLAIN", "value": "visible"}
+    assert env["JUPYTERHUB_USER"]["value"] == "alice"  # the rest stays as it was
+    # what the Secret will hold: exactly the moved values
+    assert spawner._env_secret_data == {
+        "JUPYTERHUB_API_TOKEN": "the-api-token",
+        "JPY_API_TOKEN": "the-api-token",
+        "S3_SECRET_KEY": "admin-s3-secret",
+        "HF_TOKEN": "admin-hf-token",
+    }
+
+
+async def test_empty_pattern_moves_only_the_servers_tokens():
+    config = Config()
+    config.PlatformKubeSpawner.environment = {"HF_TOKEN": "admin-hf-token"}
+    config.PlatformKubeSpawner.env_secret_pattern = ""
+    spawner = make_spawner(config=config)
+    p = await manifest(spawner, {"profile": "cpu"})
+    env = {e["name"]: e for e in container(p)["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "value": "admin-hf-token"}
+    assert "valueFrom" in env["JUPYTERHUB_API_TOKEN"] and "the-api-token" not in str(p)
+    assert set(spawner._env_secret_data) == {"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"}
 
 
 async def test_kueue_profile_gets_queue_label_and_gate():
@@ -420,7 +462,13 @@ async def test_traits_are_configurable():
     assert spawner.envs_writer_group == "admins"
     assert spawner.unschedulable_grace_period == 30.0
     assert spawner.shared_volume["nfs"]["path"] == "/srv"
-    for name in ("home_storage", "shared_volume", "envs_writer_group", "availability_enabled"):
+    for name in (
+        "home_storage",
+        "shared_volume",
+        "envs_writer_group",
+        "availability_enabled",
+        "env_secret_pattern",
+    ):
         trait = PlatformKubeSpawner.class_traits()[name]
         assert trait.metadata.get("config") and trait.help.strip()
 
