@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from . import images
 from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
 from .node_pieces import NodePiecesError, ensure_proxy, install_all
 from .private import StateError, prepare_state_dir, private_file
@@ -341,6 +342,7 @@ def main(argv=None) -> int:
         "--dry-run", action="store_true", help="print the objects as YAML; apply nothing"
     )
     sync.set_defaults(func=cmd_sync_queues)
+    images.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -13,7 +13,7 @@ into users' homes.
 - local mode: :class:`LabSettingsMixin` writes it before a server starts, in
   the environment of the spawner's ``jupyterhub-singleuser``;
 - images: ``python -m labfleet_spawner.lab_settings never`` at build time
-  writes it into the image's own environment (``images/*/Dockerfile``).
+  writes it into the image's own environment (``images/*/Containerfile``).
 """
 
 from __future__ import annotations
