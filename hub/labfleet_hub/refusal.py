@@ -10,6 +10,7 @@ here, which groups are (named as the identity provider names them, e.g.
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -95,3 +96,53 @@ class LoginRefused(web.HTTPError):
         self.refusal = refusal
         # the error page's plain message, for a template that does not know the refusal
         self.jupyterhub_message = refusal.text()
+
+
+class LoginExpired(web.HTTPError):
+    """HTTP 401: the identity provider's token can no longer be refreshed; log in again.
+
+    Shown instead of JupyterHub 6.1's 500 (``'SpawnHandler' object has no attribute
+    '_token_authenticated'``) to a person whose browser session outlived their
+    access token (an identity provider that gives no refresh token, or one that
+    refused it). The page links to the login, which comes back to ``next_url``.
+    """
+
+    REASON = "Sign-in expired"
+
+    def __init__(self, username: str, login_service: str, login_url: str):
+        text = (
+            f"The sign-in of {username} with {login_service} has expired and cannot be "
+            "renewed without you. Please log in again."
+        )
+        super().__init__(401, log_message=text.replace("%", "%%"), reason=self.REASON)
+        self.jupyterhub_message = text
+        self.login_url = login_url
+        self.jupyterhub_html_message = (
+            f'<span class="lead" id="labfleet-login-expired">{html.escape(text)}</span><br>'
+            f'<a class="btn btn-primary mt-3" id="labfleet-login-again" '
+            f'href="{html.escape(login_url, quote=True)}">Log in again</a>'
+        )
+
+
+class SubjectMismatch(web.HTTPError):
+    """HTTP 403: the hub user belongs to another identity-provider account (``sub``).
+
+    JupyterHub lowercases names, so IAM's ``Alice`` and ``alice`` are one hub
+    user; and a renamed or recreated IAM account reuses a name with a new
+    ``sub``. The first login binds the name to its ``sub``
+    (:mod:`labfleet_hub.subject_binding`); any other account is told so here.
+    """
+
+    REASON = "Account mismatch"
+
+    def __init__(self, username: str, login_name: str, sub: str, contact: str = ""):
+        whom = contact.strip() or "the platform's administrators"
+        text = (
+            f"The hub user {username} belongs to another identity-provider account: "
+            f"the account {login_name!r} you signed in with (subject {sub}) cannot use it "
+            "(hub user names ignore case, and a renamed or recreated account is a new one). "
+            f"If this is your account, ask {whom} to move it to your new sign-in."
+        )
+        super().__init__(403, log_message=text.replace("%", "%%"), reason=self.REASON)
+        self.jupyterhub_message = text
+        self.username, self.login_name, self.sub = username, login_name, sub
