@@ -16,13 +16,16 @@ One configuration (plain data, usually YAML) describes every group's quota::
         borrowing_limit: {nvidia.com/gpu: 2}   # optional, per resource
         max_running: 8                          # local backend: jobs at once
         admins: [carol]                         # group admins besides <group>-admins
+    network: {dns: false, egress: []}           # batch NetworkPolicies (labfleet_batch.netpol)
 
 The Kubernetes backend turns it into: per group a Namespace (labelled with the
 group) and a LocalQueue, a ClusterQueue selecting only that namespace, in the
 cohort; one ResourceFlavor per catalogue accelerator (its ``node_labels`` and
 tolerations) plus a default CPU flavor; WorkloadPriorityClasses; optionally an
-interLink offload ClusterQueue and per-group offload LocalQueues. The local
-backend reads the same quotas as concurrency limits.
+interLink offload ClusterQueue and per-group offload LocalQueues; and per group
+namespace the NetworkPolicies of :mod:`.netpol` (deny everything, then allow
+what ``network`` says). The local backend reads the same quotas as concurrency
+limits.
 
 :func:`sync_queues` applies all of it with server-side apply: re-running it
 changes only what changed and never deletes (removing a group from the
@@ -38,6 +41,7 @@ from typing import Any, Protocol
 from labfleet_hub import contract
 from labfleet_spawner.catalogue import Accelerator, Catalogue, parse_quantity
 
+from .netpol import NetworkConfig, NetworkConfigError, batch_network_policies, parse_network
 from .podspec import DEFAULT_KIND_TOLERATIONS, OFFLOAD_TOLERATION
 
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
@@ -83,6 +87,7 @@ class QueueConfig:
     kind_tolerations: dict[str, tuple[dict, ...]] = field(
         default_factory=lambda: dict(DEFAULT_KIND_TOLERATIONS)
     )
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     # -- names ---------------------------------------------------------------
 
@@ -142,6 +147,7 @@ def parse_queue_config(data: Any, catalogue: Catalogue, source: str = "<queues>"
         "preemption",
         "offload",
         "kind_tolerations",
+        "network",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -209,6 +215,10 @@ def parse_queue_config(data: Any, catalogue: Catalogue, source: str = "<queues>"
         kwargs["kind_tolerations"] = {
             k: tuple(v) for k, v in (data["kind_tolerations"] or {}).items()
         }
+    try:
+        kwargs["network"] = parse_network(data.get("network"), f"{source}: network")
+    except NetworkConfigError as e:
+        raise QueueConfigError(str(e)) from None
     return QueueConfig(
         groups=groups,
         priorities=priorities,
@@ -408,6 +418,8 @@ def priority_class_objects(config: QueueConfig) -> list[dict]:
 def queue_objects(config: QueueConfig, catalogue: Catalogue) -> list[dict]:
     """Everything, in the order it must be applied (namespaces and flavors first)."""
     objects: list[dict] = [namespace_object(config, g) for g in config.groups]
+    for group in config.groups:
+        objects += batch_network_policies(config.namespace(group), config.network)
     objects += flavor_objects(config, catalogue)
     objects += priority_class_objects(config)
     if config.offload_enabled:

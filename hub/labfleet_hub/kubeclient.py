@@ -111,6 +111,7 @@ class KubeAPI:
 
 _PLURALS = {
     "Namespace": "namespaces",
+    "NetworkPolicy": "networkpolicies",
     "ResourceFlavor": "resourceflavors",
     "ClusterQueue": "clusterqueues",
     "LocalQueue": "localqueues",
