@@ -43,6 +43,46 @@ command -v node >/dev/null && command -v npm >/dev/null || {
   exit 1
 }
 
+# Container images (labfleet images build, tests/images): podman and buildah
+# build them, mmdebstrap makes their Debian base, runc runs the build steps
+# (crun refuses these VMs' hybrid cgroups); uidmap, fuse-overlayfs and
+# slirp4netns are what the same needs without root. Installed as root only:
+# elsewhere the image tests say what is missing. apt may be busy with another
+# install: wait for its lock. `apt-get update` only when apt knows a package
+# by no candidate (a machine whose lists were cleaned).
+apt_locked_retry() {
+  local try out
+  for try in $(seq 1 60); do
+    if out=$("$@" 2>&1); then return 0; fi
+    case $out in
+      *"Could not get lock"* | *"Unable to acquire"* | *"Unable to lock"*) sleep 5 ;;
+      *) printf '%s\n' "$out" >&2; return 1 ;;
+    esac
+  done
+  printf '%s\n' "$out" >&2
+  return 1
+}
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  image_pkgs=()
+  for pkg in podman buildah mmdebstrap runc uidmap fuse-overlayfs slirp4netns; do
+    case $pkg in
+      uidmap) command -v newuidmap >/dev/null || image_pkgs+=(uidmap) ;;
+      *) command -v "$pkg" >/dev/null || image_pkgs+=("$pkg") ;;
+    esac
+  done
+  if [ ${#image_pkgs[@]} -gt 0 ]; then
+    say "installing Debian packages for the container images: ${image_pkgs[*]}"
+    if apt-cache policy "${image_pkgs[@]}" 2>/dev/null | grep -q 'Candidate: (none)' \
+      || [ "$(apt-cache policy "${image_pkgs[@]}" 2>/dev/null | grep -c 'Candidate:')" -lt ${#image_pkgs[@]} ]; then
+      apt_locked_retry apt-get update -qq
+    fi
+    DEBIAN_FRONTEND=noninteractive apt_locked_retry \
+      apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${image_pkgs[@]}"
+  fi
+  # podman's settings for these machines, only when missing or different
+  if command -v podman >/dev/null; then python3 tools/podman_conf.py; fi
+fi
+
 # Debian's Python lives where every uid can read it, so the local spawner can
 # run each user's notebook under that user's own uid (isolate_users: auto).
 PY=${PYTHON:-}
