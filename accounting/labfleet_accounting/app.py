@@ -175,6 +175,28 @@ class AccountingApp(Application):
         self.print_subcommands()
         self.exit(2)
 
+    def metrics_token_value(self) -> str:
+        """The metrics token (from metrics_token_file if set); "" keeps /metrics closed.
+
+        The accounting service's and the GPU exporter's (each reads its own file)."""
+        token = self.metrics_token
+        if self.metrics_token_file:
+            try:
+                with open(self.metrics_token_file) as f:
+                    token = f.read().strip()
+            except OSError as e:
+                self.log.error(
+                    "Metrics closed: cannot read the metrics token %s (%s)",
+                    self.metrics_token_file,
+                    e.strerror,
+                )
+                return ""
+        if self.metrics_public:
+            self.log.warning("/metrics is open to anyone (metrics_public): every group's usage")
+        elif not token:
+            self.log.warning("/metrics answers nobody: no metrics_token_file or metrics_token")
+        return token
+
 
 class MigrateApp(AccountingApp):
     subcommands = {}
@@ -241,26 +263,6 @@ class ServeApp(AccountingApp):
             await api.close()
         engine.dispose()
 
-    def metrics_token_value(self) -> str:
-        """The metrics token (from metrics_token_file if set); "" keeps /metrics closed."""
-        token = self.metrics_token
-        if self.metrics_token_file:
-            try:
-                with open(self.metrics_token_file) as f:
-                    token = f.read().strip()
-            except OSError as e:
-                self.log.error(
-                    "Metrics closed: cannot read the metrics token %s (%s)",
-                    self.metrics_token_file,
-                    e.strerror,
-                )
-                return ""
-        if self.metrics_public:
-            self.log.warning("/metrics is open to anyone (metrics_public): every group's usage")
-        elif not token:
-            self.log.warning("/metrics answers nobody: no metrics_token_file or metrics_token")
-        return token
-
     async def _kube_client(self):
         from labfleet_hub.kubeclient import api_client
 
@@ -287,9 +289,28 @@ class GpuExporterApp(AccountingApp):
     config file) and ``LABFLEET_ACCOUNTING_DB_URL`` for the groups. Kubernetes, as the DaemonSet of
     ``accounting/manifests/gpu-exporter.yaml``: ``--GpuExporterApp.kubernetes=True``
     (the kubelet's pod-resources socket and the node's pods, see gpu_exporter).
+
+    ``/metrics`` (every GPU's holder) answers only ``Authorization: Bearer <token>``
+    with the token of ``metrics_token_file``, like the accounting service's.
     """
 
     subcommands = {}
+    metrics_token_file = Unicode(
+        "",
+        config=True,
+        help="""A file holding the bearer token the exporter's /metrics requires (read at
+        start). Single node: ``labfleet up`` generates
+        <state_dir>/secrets/gpu-exporter-metrics-token (0600) and ``labfleet
+        prometheus-config`` names it; Kubernetes: the DaemonSet mounts it from the Secret
+        labfleet-gpu-exporter-metrics-token. Without a token /metrics answers nobody
+        (403), unless metrics_public.""",
+    )
+    metrics_public = Bool(
+        False,
+        config=True,
+        help="""Open the exporter's /metrics to anyone who can reach it, without a token
+        (who holds which GPU). Only deliberately.""",
+    )
     exporter_ip = Unicode("127.0.0.1", config=True, help="Address the exporter listens on.")
     exporter_port = Integer(9835, config=True, help="Port of the exporter's /metrics.")
     hub_db_url = Unicode(
@@ -363,9 +384,10 @@ class GpuExporterApp(AccountingApp):
         asyncio.run(self.serve())
 
     async def serve(self):
-        from prometheus_client import start_http_server
+        from tornado import web
 
         from .gpu_exporter import GpuCollector, GpuSampler, list_node_pods, threadsafe
+        from .metrics_http import MetricsHandler
 
         stopped = stop_event()
         api = list_pods = None
@@ -379,12 +401,19 @@ class GpuExporterApp(AccountingApp):
             list_pods = threadsafe(lambda: list_node_pods(core, self.node_name), loop)
         registry = CollectorRegistry()
         registry.register(GpuCollector(GpuSampler(), self.owners(list_pods)))
-        server, thread = start_http_server(self.exporter_port, self.exporter_ip, registry)
+        # the accounting service's own handler: the same bearer check (metrics_token_file)
+        handler_args = {
+            "registry": registry,
+            "token": self.metrics_token_value(),
+            "public": self.metrics_public,
+            "realm": "labfleet GPU exporter",
+            "token_setting": "GpuExporterApp.metrics_token_file",
+        }
+        app = web.Application([("/metrics", MetricsHandler, handler_args)])
+        server = app.listen(self.exporter_port, self.exporter_ip)
         self.log.info("GPU exporter on http://%s:%d/metrics", self.exporter_ip, self.exporter_port)
         await stopped.wait()
-        # the server thread may be waiting on this loop (a pod listing): stop it first
-        await asyncio.to_thread(server.shutdown)
-        await asyncio.to_thread(thread.join, 5)
+        server.stop()
         if api is not None:
             await api.close()
 

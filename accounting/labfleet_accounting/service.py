@@ -25,7 +25,6 @@ Endpoints (under the service prefix, ``/services/accounting/`` by default):
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import os
@@ -35,13 +34,13 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from jupyterhub.utils import url_path_join
 from labfleet_hub.bodylimit import BodyLimit, OpenAPIHandler
 from labfleet_hub.service_page import HubNav
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 from tornado import web
 
 from . import openapi
 from .authz import Forbidden, Identity, may_manage_group, scope_for
 from .budgets import BudgetChecker
+from .metrics_http import MetricsHandler
 from .reports import (
     PeriodError,
     Weights,
@@ -263,42 +262,6 @@ class PageHandler(BaseHandler):
         )  # fmt: skip
 
 
-class MetricsHandler(BodyLimit, web.RequestHandler):
-    """Every group's usage: for Prometheus with the metrics token, not for anyone who asks.
-
-    Not hub OAuth: Prometheus sends a static bearer token (``authorization`` /
-    ``bearer_token_file`` in its scrape configuration).
-    """
-
-    def initialize(self, context: Context, token: str = "", public: bool = False):
-        self.ctx = context
-        self.token = token
-        self.public = public
-
-    def refuse(self, status: int, message: str):
-        self.set_status(status)
-        if status == 401:
-            self.set_header("WWW-Authenticate", 'Bearer realm="labfleet-accounting metrics"')
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(message + "\n")
-
-    async def get(self):
-        if not self.public:
-            if not self.token:
-                return self.refuse(
-                    403, "metrics are closed: the service has no metrics token "
-                    "(AccountingApp.metrics_token_file) and metrics_public is off",
-                )  # fmt: skip
-            scheme, _, credentials = self.request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not credentials.strip():
-                return self.refuse(401, "send the metrics token: Authorization: Bearer <token>")
-            if not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
-                return self.refuse(403, "wrong metrics token")
-        data = await asyncio.to_thread(generate_latest, self.ctx.registry)
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(data)
-
-
 class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
     """The hub's OAuth callback, with the application's HubOAuth.
 
@@ -345,7 +308,13 @@ def make_app(
         (
             url_path_join(prefix, "metrics"),
             MetricsHandler,
-            {"context": context, "token": metrics_token, "public": metrics_public},
+            {
+                "registry": context.registry,
+                "token": metrics_token,
+                "public": metrics_public,
+                "realm": "labfleet-accounting metrics",
+                "token_setting": "AccountingApp.metrics_token_file",
+            },
         ),
         (url_path_join(prefix, "oauth_callback"), OAuthCallbackHandler, {"hub_auth": hub_auth}),
         (prefix.rstrip("/") + "/?", PageHandler, args),

@@ -108,7 +108,8 @@ def cmd_prometheus_config(args) -> int:
         "# labfleet accounting metrics (docs/accounting.md). Prometheus must be able to read\n"
         "# the credentials file (the token `labfleet up` generated), or point it at a copy.",
     )
-    yaml.safe_dump(prometheus_config(values, args.token_file), sys.stdout, sort_keys=False)
+    config = prometheus_config(values, args.token_file, args.exporter_token_file)
+    yaml.safe_dump(config, sys.stdout, sort_keys=False)
     return 0
 
 
@@ -320,13 +321,19 @@ def main(argv=None) -> int:
     prom = sub.add_parser(
         "prometheus-config",
         help="print a Prometheus scrape configuration for the accounting service's /metrics "
-        "(with the generated bearer token's file)",
+        "and, on a single node, the GPU exporter's (with the generated bearer tokens' files)",
     )
     prom.add_argument("--config", default=DEFAULT_CONFIG)
     prom.add_argument(
         "--token-file",
         default=None,
         help="credentials_file to name (default: the generated token in hub.state_dir/secrets)",
+    )
+    prom.add_argument(
+        "--exporter-token-file",
+        default=None,
+        help="single node: the GPU exporter job's credentials_file (default: the generated "
+        "hub.state_dir/secrets/gpu-exporter-metrics-token)",
     )
     prom.set_defaults(func=cmd_prometheus_config)
     sync = sub.add_parser(

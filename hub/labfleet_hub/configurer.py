@@ -322,6 +322,8 @@ _SECRET_FILES = {
     "crypt_key": "auth-state-crypt-key",
     # the bearer token of the accounting service's /metrics (Prometheus reads the file)
     "metrics_token": "accounting-metrics-token",
+    # the bearer token of the GPU exporter's /metrics (single node: 127.0.0.1:9835)
+    "exporter_token": "gpu-exporter-metrics-token",
 }
 #: The secrets the hub itself reads (with_secrets); the others are for services' files.
 _HUB_SECRETS = ("client_secret", "crypt_key")
@@ -524,13 +526,31 @@ def metrics_token_path(values: dict) -> Path:
     return _secret_path(values, "metrics_token")
 
 
-def prometheus_config(values: dict, token_file: str | os.PathLike | None = None) -> dict:
-    """A Prometheus configuration that scrapes the accounting service's metrics.
+def gpu_exporter_token_path(values: dict) -> Path:
+    """The file holding the bearer token of the GPU exporter's ``/metrics`` (created by
+    :func:`ensure_secrets`, mode 0600; the exporter's ``--GpuExporterApp.metrics_token_file``)."""
+    return _secret_path(values, "exporter_token")
 
-    Through the proxy (``hub.public_url``), as the service's port may be chosen at
+
+#: Where the single-node GPU exporter listens (GpuExporterApp.exporter_ip/exporter_port).
+GPU_EXPORTER_TARGET = "127.0.0.1:9835"
+
+
+def prometheus_config(
+    values: dict,
+    token_file: str | os.PathLike | None = None,
+    exporter_token_file: str | os.PathLike | None = None,
+) -> dict:
+    """A Prometheus configuration that scrapes the accounting service's metrics
+    and, on a single node, the GPU exporter's.
+
+    The service through the proxy (``hub.public_url``), as its port may be chosen at
     start; with ``authorization: credentials_file`` (default: the generated token,
     :func:`metrics_token_path`; Prometheus must be able to read it) unless
-    ``accounting.metrics_public``. ``labfleet prometheus-config`` prints it.
+    ``accounting.metrics_public``. The exporter (single node only: in Kubernetes it is
+    a DaemonSet, scraped per pod) at :data:`GPU_EXPORTER_TARGET`, always with its own
+    token's file (:func:`gpu_exporter_token_path`). ``labfleet prometheus-config``
+    prints it.
     """
     from urllib.parse import urlsplit
 
@@ -547,7 +567,17 @@ def prometheus_config(values: dict, token_file: str | os.PathLike | None = None)
     if not values["accounting"]["metrics_public"]:
         path = token_file if token_file is not None else metrics_token_path(values)
         job["authorization"] = {"type": "Bearer", "credentials_file": str(path)}
-    return {"scrape_configs": [job]}
+    jobs = [job]
+    if values["spawner"]["kind"] == "local":
+        path = exporter_token_file or gpu_exporter_token_path(values)
+        jobs.append(
+            {
+                "job_name": "labfleet-gpu-exporter",
+                "static_configs": [{"targets": [GPU_EXPORTER_TARGET]}],
+                "authorization": {"type": "Bearer", "credentials_file": str(path)},
+            }
+        )
+    return {"scrape_configs": jobs}
 
 
 def menu_services(values: dict) -> list[str]:

@@ -7,8 +7,10 @@ with the configuration ``labfleet prometheus-config`` prints
 (``configurer.prometheus_config``: ``authorization.credentials_file``); a job
 without the token and one with a wrong token are refused. The GPU exporter
 runs as ``labfleet-accounting gpu-exporter`` (on a machine without an NVIDIA
-driver it exports its error counter only). Prometheus scrapes both every
-second; the test reads the values back through Prometheus's HTTP API.
+driver it exports its error counter only) with its own token file, scraped by
+the exporter job ``labfleet prometheus-config`` prints (and refused without
+the token). Prometheus scrapes both every second; the test reads the values
+back through Prometheus's HTTP API.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .conftest import stop_platform
 
 PROMETHEUS = "/usr/bin/prometheus"
 TOKEN = "scrape-token-for-tests"
+EXPORTER_TOKEN = "exporter-scrape-token-for-tests"
 PREFIX = "/services/accounting/"
 
 
@@ -102,6 +105,9 @@ def stack(tmp_path):
     token_file.parent.mkdir(mode=0o700)
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
+    exporter_token_file = tmp_path / "secrets" / "gpu-exporter-metrics-token"
+    exporter_token_file.write_text(EXPORTER_TOKEN + "\n")
+    exporter_token_file.chmod(0o600)
     processes = []
     service = spawn(
         [sys.executable, "-m", "labfleet_accounting.app", "serve", f"--db-url={db_url}",
@@ -114,15 +120,18 @@ def stack(tmp_path):
     processes.append(service)
     exporter = spawn(
         [sys.executable, "-m", "labfleet_accounting.app", "gpu-exporter",
-         f"--GpuExporterApp.exporter_port={exporter_port}"],
+         f"--GpuExporterApp.exporter_port={exporter_port}",
+         f"--GpuExporterApp.metrics_token_file={exporter_token_file}"],
         tmp_path / "exporter.log",
     )  # fmt: skip
     processes.append(exporter)
     # what `labfleet prometheus-config` prints for a hub at this address (the service
     # itself here, with the service prefix the proxy would route)
     values = {"hub": {"public_url": f"http://127.0.0.1:{service_port}", "base_url": "/"},
-              "accounting": {"metrics_public": False}}  # fmt: skip
-    [job] = prometheus_config(values, token_file)["scrape_configs"]
+              "accounting": {"metrics_public": False}, "spawner": {"kind": "local"}}  # fmt: skip
+    job, gpu_job = prometheus_config(values, token_file, exporter_token_file)["scrape_configs"]
+    assert gpu_job["authorization"] == {
+        "type": "Bearer", "credentials_file": str(exporter_token_file)}  # fmt: skip
     assert job["authorization"] == {"type": "Bearer", "credentials_file": str(token_file)}
     assert job["metrics_path"] == f"{PREFIX}metrics"
     wrong = tmp_path / "wrong-token"
@@ -144,8 +153,14 @@ def stack(tmp_path):
                 "authorization": {"credentials_file": str(wrong)},
                 "static_configs": [{"targets": [f"127.0.0.1:{service_port}"]}],
             },
+            # the exporter job as printed, at this test's port instead of 9835
             {
+                **gpu_job,
                 "job_name": "gpu",
+                "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
+            },
+            {
+                "job_name": "gpu-no-token",
                 "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
             },
         ],
@@ -181,7 +196,7 @@ def test_prometheus_scrapes_accounting_and_gpu_metrics(stack):
         jobs = up()
         # every job scraped at least once: targets are scraped independently
         done = jobs.get("accounting") == "1" and jobs.get("gpu") == "1"
-        refused = {"accounting-no-token", "accounting-wrong-token"}
+        refused = {"accounting-no-token", "accounting-wrong-token", "gpu-no-token"}
         return jobs if done and refused <= set(jobs) else None
 
     jobs = wait_until("every target scraped, with the token successfully", scraped, timeout=60)
@@ -191,6 +206,8 @@ def test_prometheus_scrapes_accounting_and_gpu_metrics(stack):
     errors = {t["labels"]["job"]: t["lastError"] for t in targets}
     assert "401" in errors["accounting-no-token"] and "403" in errors["accounting-wrong-token"]
     assert errors["accounting"] == ""
+    assert jobs["gpu-no-token"] == "0" and "401" in errors["gpu-no-token"]
+    assert errors["gpu"] == ""
 
     [devices] = wait_until(
         "allocated accelerators", lambda: query(prom, "labfleet_allocated_accelerators")

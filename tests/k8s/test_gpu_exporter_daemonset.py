@@ -24,7 +24,11 @@ from k8s_helpers import service_account_view, wait_for
 from kubernetes_asyncio import client
 from labfleet_accounting.gpu_exporter import NodeOwners, Owner, list_node_pods, threadsafe
 from labfleet_accounting.pod_resources import list_pod_resources
-from labfleet_accounting.rbac import gpu_exporter_daemonset, gpu_exporter_rbac_objects
+from labfleet_accounting.rbac import (
+    EXPORTER_TOKEN_SECRET,
+    gpu_exporter_daemonset,
+    gpu_exporter_rbac_objects,
+)
 from labfleet_hub.contract import KIND_INTERACTIVE, LABEL_GROUP, LABEL_KIND, LABEL_USER
 from labfleet_hub.kubeclient import api_client
 
@@ -51,6 +55,11 @@ async def test_daemonset_on_gpu_nodes_and_node_listing_with_only_its_rights(k8s_
     ns, name = f"gpux-{s}", f"labfleet-gpu-exporter-{s}"  # ClusterRole: a unique name
     k8s_cluster.kubectl("create", "namespace", ns)
     try:
+        # the /metrics bearer token, as the manifest's header tells the admin to create it
+        k8s_cluster.kubectl(
+            "create", "secret", "generic", EXPORTER_TOKEN_SECRET, "-n", ns,
+            "--from-literal=token=" + uuid.uuid4().hex,
+        )  # fmt: skip
         k8s_cluster.apply(
             [
                 *gpu_exporter_rbac_objects(ACCOUNT, ns, name=name),
@@ -69,7 +78,14 @@ async def test_daemonset_on_gpu_nodes_and_node_listing_with_only_its_rights(k8s_
             pods = k8s_cluster.kubectl_json("get", "pods", "-n", ns)["items"]
             return {p["spec"].get("nodeName") for p in pods} == gpu_nodes and pods
 
-        wait_for("an exporter pod on every GPU node, none elsewhere", placed, timeout=60)
+        exporters = wait_for("an exporter pod on every GPU node, none elsewhere", placed, 60)
+        for exporter in exporters:  # the token is a file from the Secret, not in the spec
+            volumes = {v["name"]: v for v in exporter["spec"]["volumes"]}
+            assert volumes["metrics-token"]["secret"]["secretName"] == EXPORTER_TOKEN_SECRET
+            (c,) = exporter["spec"]["containers"]
+            assert (
+                "--GpuExporterApp.metrics_token_file=/etc/labfleet/gpu-exporter/token" in c["args"]
+            )
         ds = k8s_cluster.kubectl_json("get", "daemonset", name, "-n", ns)
         assert ds["status"]["desiredNumberScheduled"] == len(gpu_nodes)
 

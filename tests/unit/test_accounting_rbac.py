@@ -179,11 +179,25 @@ def test_gpu_exporter_daemonset():
     assert container["ports"] == [{"name": "metrics", "containerPort": 9835, "protocol": "TCP"}]
     assert container["resources"]["limits"]["memory"]
     # the socket's directory from the host, read-only, where the client looks by default
-    (mount,) = container["volumeMounts"]
-    (volume,) = spec["volumes"]
+    mount, token_mount = container["volumeMounts"]
+    volume, token_volume = spec["volumes"]
     assert mount == {"name": volume["name"], "mountPath": os.path.dirname(KUBELET_SOCKET),
                      "readOnly": True}  # fmt: skip
     assert volume["hostPath"] == {"path": os.path.dirname(KUBELET_SOCKET), "type": "Directory"}
+    # /metrics wants the bearer token of a Secret, mounted read-only as the token file
+    assert token_volume == {
+        "name": token_mount["name"],
+        "secret": {
+            "secretName": "labfleet-gpu-exporter-metrics-token",
+            "items": [{"key": "token", "path": "token"}],
+            "defaultMode": 0o400,
+        },
+    }
+    assert token_mount["readOnly"] is True
+    token_arg = f"--GpuExporterApp.metrics_token_file={token_mount['mountPath']}/token"
+    assert token_arg in container["args"]
+    assert not any("metrics_public" in arg for arg in container["args"])
+    assert "metrics-token" not in str(env)  # a file, not an environment variable
     # root only for the root-owned socket; nothing else
     security = container["securityContext"]
     assert security["allowPrivilegeEscalation"] is False and security["privileged"] is False

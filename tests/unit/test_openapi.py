@@ -31,7 +31,10 @@ def accounting_app(prefix):
     from labfleet_accounting.openapi import DOCUMENT
     from labfleet_accounting.service import make_app
 
-    return make_app(object(), hub_auth(prefix), prefix), DOCUMENT
+    from types import SimpleNamespace
+
+    # routes only: no request reaches the context (metrics take its registry up front)
+    return make_app(SimpleNamespace(registry=None), hub_auth(prefix), prefix), DOCUMENT
 
 
 def answered(handler: type) -> set[str]:

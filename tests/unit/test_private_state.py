@@ -176,6 +176,8 @@ def test_fresh_state_folder_is_private_from_the_first_byte(config_dir, umask_022
         "logs/devidp.log",
         "secrets/iam-client-secret",
         "secrets/auth-state-crypt-key",
+        "secrets/accounting-metrics-token",
+        "secrets/gpu-exporter-metrics-token",
     ):
         assert mode(state / name) == 0o600, name
 
