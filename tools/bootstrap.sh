@@ -46,7 +46,9 @@ command -v node >/dev/null && command -v npm >/dev/null || {
 # Container images (labfleet images build, tests/images): podman and buildah
 # build them, mmdebstrap makes their Debian base, runc runs the build steps
 # (crun refuses these VMs' hybrid cgroups); uidmap, fuse-overlayfs and
-# slirp4netns are what the same needs without root. Installed as root only:
+# slirp4netns are what the same needs without root. containerd and the CNI
+# plugins (bridge, host-local) run the test cluster's real node
+# (tools/cluster/node.py) with the same runc. Installed as root only:
 # elsewhere the image tests say what is missing. apt may be busy with another
 # install: wait for its lock. `apt-get update` only when apt knows a package
 # by no candidate (a machine whose lists were cleaned).
@@ -64,9 +66,11 @@ apt_locked_retry() {
 }
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   image_pkgs=()
-  for pkg in podman buildah mmdebstrap runc uidmap fuse-overlayfs slirp4netns; do
+  for pkg in podman buildah mmdebstrap runc uidmap fuse-overlayfs slirp4netns \
+    containerd containernetworking-plugins; do
     case $pkg in
       uidmap) command -v newuidmap >/dev/null || image_pkgs+=(uidmap) ;;
+      containernetworking-plugins) [ -x /usr/lib/cni/bridge ] || image_pkgs+=("$pkg") ;;
       *) command -v "$pkg" >/dev/null || image_pkgs+=("$pkg") ;;
     esac
   done

@@ -10,6 +10,12 @@ Missing Go / binaries: skipped on a developer machine, a failure when
 
 ``LABFLEET_CLUSTER_STATE=DIR`` reuses a cluster started with
 ``python tools/cluster/cluster.py up --state DIR`` (not stopped afterwards).
+
+The cluster also gets a real node (containerd + kubelet + kube-proxy,
+tools/cluster/node.py) where root and the kernel allow it
+(``LABFLEET_REAL_NODE=auto``, the default; ``1`` must, ``0`` never).  Tests
+that need it take ``k8s_real_node``: skipped with the reason where it cannot
+run, a failure when ``CI=true``.
 """
 
 from __future__ import annotations
@@ -97,6 +103,17 @@ def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             clusterlib.stop_cluster(state)
         left = clusterlib.cluster_pids(state)
         assert not left, f"cluster processes left after teardown: {left}"
+
+
+@pytest.fixture(scope="session")
+def k8s_real_node(k8s_cluster) -> dict:
+    """The real node's facts (``name``, ``node_ip``, ``pod_cidr``, ``service_cidr``, ...)."""
+    if k8s_cluster.real_node is None:
+        reason = k8s_cluster.real_node_reason or "not started"
+        if _in_ci():
+            pytest.fail(f"the real node must run in CI: {reason}", pytrace=False)
+        pytest.skip(f"no real node: {reason}")
+    return k8s_cluster.real_node
 
 
 @pytest.fixture

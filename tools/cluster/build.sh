@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Build the test-cluster binaries (etcd, Kubernetes control plane, kwok, Kueue)
-# from Go modules, with CGO disabled.  Idempotent: every component is built
-# into ${LABFLEET_CACHE:-$HOME/.cache/labfleet}/cluster/<component>-<version>/
+# Build the test-cluster binaries (etcd, Kubernetes control plane, kubelet and
+# kube-proxy, kwok, Kueue) from Go modules, with CGO disabled, and the real
+# node's static `pause` (gcc, from the k8s.io/kubernetes module's source).
+# Idempotent: every component is built into ${LABFLEET_CACHE:-$HOME/.cache/labfleet}/cluster/<component>-<version>/
 # and skipped when that folder is already complete.  The Go module and build
 # caches (GOMODCACHE, GOCACHE) are left at their defaults and kept, so a
 # rebuild after wiping the binary cache takes a few minutes, not half an hour.
 #
 # Usage: tools/cluster/build.sh [--print-dirs] [--force] [component ...]
-#   components: etcd kubernetes kwok kueue helm  (default: all of them)
+#   components: etcd kubernetes pause kwok kueue helm  (default: all of them;
+#               pause only where gcc is installed)
 #   --print-dirs  only print "component=dir" lines for the configured versions
 #   --force       rebuild even if the cached binaries exist
 # Environment:
@@ -23,12 +25,13 @@ CACHE="${LABFLEET_CACHE:-$HOME/.cache/labfleet}/cluster"
 JOBS="${LABFLEET_BUILD_JOBS:-2}"
 
 declare -A VERSION=(
-  [etcd]="$ETCD_VERSION" [kubernetes]="$K8S_VERSION" [kwok]="$KWOK_VERSION"
+  [etcd]="$ETCD_VERSION" [kubernetes]="$K8S_VERSION-r${K8S_BUILD_REV:-1}"
+  [pause]="$K8S_VERSION-r${PAUSE_BUILD_REV:-1}" [kwok]="$KWOK_VERSION"
   [kueue]="$KUEUE_VERSION-r${KUEUE_BUILD_REV:-1}" [helm]="$HELM_VERSION"
 )
 declare -A BINARIES=(
   [etcd]="etcd"
-  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy"
   [kwok]="kwok" [kueue]="kueue" [helm]="helm"
 )
 
@@ -41,13 +44,15 @@ for arg in "$@"; do
   case "$arg" in
     --force) force=1 ;;
     --print-dirs) print_dirs=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    etcd|kubernetes|kwok|kueue|helm) components+=("$arg") ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    etcd|kubernetes|pause|kwok|kueue|helm) components+=("$arg") ;;
     *) echo "build.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
 if [ ${#components[@]} -eq 0 ]; then
   components=(etcd kubernetes kwok kueue)
+  # the real node's sandbox image; the KWOK-only cluster does not need it
+  if command -v gcc >/dev/null 2>&1; then components+=(pause); fi
   if [ "${LABFLEET_BUILD_HELM:-1}" != 0 ]; then components+=(helm); fi
 fi
 
@@ -114,8 +119,12 @@ build_component() {
   moddir="$HERE/go/$c"
   tmp="$dest.tmp.$$"
   rm -rf "$tmp"; mkdir -p "$tmp"
-  log "$c ${VERSION[$c]}: downloading modules"
-  (cd "$moddir" && go mod download)
+  if [ "$c" != pause ]; then
+    log "$c ${VERSION[$c]}: downloading modules"
+    (cd "$moddir" && go mod download)
+  else
+    (cd "$HERE/go/kubernetes" && go mod download k8s.io/kubernetes)
+  fi
   case "$c" in
     etcd)
       log "$c: building etcd"
@@ -126,6 +135,18 @@ build_component() {
         log "$c: building $b"
         go_build "$moddir" "$tmp/$b" "k8s.io/kubernetes/cmd/$b" "$flags"
       done ;;
+    pause)
+      # The sandbox ("pause") container of the real node: Kubernetes' own
+      # build/pause/linux/pause.c, static, so the image is this one file.
+      local src
+      src="$(cd "$HERE/go/kubernetes" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
+      log "$c: gcc -static $src/build/pause/linux/pause.c"
+      local start=$SECONDS
+      gcc -Os -static -Wall -Werror -DVERSION="${K8S_VERSION}-labfleet" \
+        -o "$tmp/pause" "$src/build/pause/linux/pause.c"
+      strip "$tmp/pause" 2>/dev/null || true
+      printf '%s\t%s\t%s\t%ss\t%s\n' "$(date -u +%FT%TZ)" pause pause "$((SECONDS - start))" n/a \
+        >>"$CACHE/build-times.tsv" ;;
     kwok)
       log "$c: building kwok"
       go_build "$moddir" "$tmp/kwok" sigs.k8s.io/kwok/cmd/kwok \

@@ -6,6 +6,8 @@ Starts, on 127.0.0.1 only and on random free ports:
     etcd -> kube-apiserver -> kube-controller-manager + kube-scheduler
          -> Kueue CRDs -> kwok (fake nodes from fleet.yaml) -> Kueue manager
          -> Kueue webhooks (https://127.0.0.1:<port>)
+         -> the real node (containerd, kubelet, kube-proxy on a host-only
+            bridge; node.py), where root and the kernel allow
 
 Every process runs in its own process group (session); ``down`` / ``stop``
 signals the groups and verifies that nothing is left.  Binaries come from
@@ -14,6 +16,7 @@ signals the groups and verifies that nothing is left.  Binaries come from
 CLI::
 
     python tools/cluster/cluster.py up   --state DIR [--fleet FILE] [--no-webhooks]
+                                         [--real-node auto|1|0]
     python tools/cluster/cluster.py down --state DIR [--purge]
     python tools/cluster/cluster.py status --state DIR
 
@@ -76,13 +79,13 @@ _Procs = procs_lib._Procs
 _wait = procs_lib._wait
 _proc_alive = procs_lib._proc_alive
 _group_members = procs_lib._group_members
-stop_cluster = procs_lib.stop_cluster
 cluster_pids = procs_lib.cluster_pids
 tail = procs_lib.tail
 kueue_parts = _load_sibling("kueue_parts")
 pki_lib = _load_sibling("pki")
 write_kubeconfig = pki_lib.write_kubeconfig
 kueue_webhook_manifests = kueue_parts.kueue_webhook_manifests
+node_lib = _load_sibling("node")
 
 #: Pod IPs handed out by kwok (must stay inside 127.0.0.0/8).
 POD_CIDR = "127.100.0.1/16"
@@ -97,106 +100,16 @@ KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 Progress = Callable[[str], None]
 
 
-class BinariesMissing(ClusterError):
-    """Raised when the component binaries are not built and cannot be built."""
-
-
-# --------------------------------------------------------------------------
-# versions and binaries
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for line in (HERE / "versions.env").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            out[k.strip()] = v.strip()
-    return out
-
-
-def cache_root() -> Path:
-    base = os.environ.get("LABFLEET_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "labfleet"
-    )
-    return Path(base) / "cluster"
-
-
-def component_dirs() -> dict[str, Path]:
-    v = versions()
-    root = cache_root()
-    return {
-        "etcd": root / f"etcd-{v['ETCD_VERSION']}",
-        "kubernetes": root / f"kubernetes-{v['K8S_VERSION']}",
-        "kwok": root / f"kwok-{v['KWOK_VERSION']}",
-        "kueue": root / f"kueue-{v['KUEUE_VERSION']}-r{v.get('KUEUE_BUILD_REV', '1')}",
-    }
-
-
-def helm_binary() -> Path | None:
-    """The helm binary built by build.sh (optional component), if present."""
-    d = cache_root() / f"helm-{versions()['HELM_VERSION']}"
-    return d / "helm" if (d / ".complete").is_file() else None
-
-
-@dataclasses.dataclass
-class Binaries:
-    etcd: Path
-    kube_apiserver: Path
-    kube_controller_manager: Path
-    kube_scheduler: Path
-    kubectl: Path
-    kwok: Path
-    kueue: Path
-    kueue_crds: Path
-    kueue_webhooks: Path
-    kueue_visibility: Path
-
-
-def find_binaries() -> Binaries | None:
-    """Return the cached binaries, or None if any component is incomplete."""
-    d = component_dirs()
-    if not all((p / ".complete").is_file() for p in d.values()):
-        return None
-    k = d["kubernetes"]
-    return Binaries(
-        etcd=d["etcd"] / "etcd",
-        kube_apiserver=k / "kube-apiserver",
-        kube_controller_manager=k / "kube-controller-manager",
-        kube_scheduler=k / "kube-scheduler",
-        kubectl=k / "kubectl",
-        kwok=d["kwok"] / "kwok",
-        kueue=d["kueue"] / "kueue",
-        kueue_crds=d["kueue"] / "crds",
-        kueue_webhooks=d["kueue"] / "webhook-manifests.yaml",
-        kueue_visibility=d["kueue"] / "visibility",
-    )
-
-
-def ensure_binaries(build: bool = True, progress: Progress | None = None) -> Binaries:
-    """Return the binaries, building them with build.sh if missing."""
-    progress = progress or _print
-    b = find_binaries()
-    if b is not None:
-        return b
-    if not build:
-        raise BinariesMissing(
-            f"cluster binaries not built under {cache_root()}; run: bash {BUILD_SH}"
-        )
-    if shutil.which("go") is None:
-        raise BinariesMissing(
-            f"cluster binaries missing under {cache_root()} and no 'go' on PATH "
-            "to build them (need Go >= 1.26)"
-        )
-    progress(f"building cluster binaries with {BUILD_SH} (cold: ~30 min on 2 cores)")
-    r = subprocess.run(["bash", str(BUILD_SH)], stdout=sys.stderr, stderr=sys.stderr)
-    if r.returncode != 0:
-        raise BinariesMissing(f"{BUILD_SH} failed with exit status {r.returncode}")
-    b = find_binaries()
-    if b is None:
-        raise BinariesMissing(f"{BUILD_SH} finished but binaries are incomplete")
-    return b
-
+binaries_lib = _load_sibling("binaries")
+BinariesMissing = binaries_lib.BinariesMissing
+versions = binaries_lib.versions
+cache_root = binaries_lib.cache_root
+component_dirs = binaries_lib.component_dirs
+node_binaries = binaries_lib.node_binaries
+helm_binary = binaries_lib.helm_binary
+Binaries = binaries_lib.Binaries
+find_binaries = binaries_lib.find_binaries
+ensure_binaries = binaries_lib.ensure_binaries
 
 # --------------------------------------------------------------------------
 # small helpers
@@ -274,6 +187,10 @@ class Cluster:
     webhooks: bool
     #: versions of visibility.kueue.x-k8s.io served through the aggregator ([] if off)
     visibility: list[str] = dataclasses.field(default_factory=list)
+    #: the real node's facts (name, node_ip, pod_cidr, service_cidr, ...), None without one
+    real_node: dict | None = None
+    #: why there is no real node ("" when there is one)
+    real_node_reason: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -328,6 +245,8 @@ class Cluster:
             ports=d["ports"],
             webhooks=d["webhooks"],
             visibility=d.get("visibility", []),
+            real_node=d.get("real_node"),
+            real_node_reason=d.get("real_node_reason", ""),
         )
 
 
@@ -370,8 +289,13 @@ def start_cluster(
     die_with_parent: bool = False,
     progress: Progress | None = None,
     timeout: float = 180,
+    real_node: str | None = None,
 ) -> Cluster:
-    """Start the whole cluster; on any failure, stop what was started and raise."""
+    """Start the whole cluster; on any failure, stop what was started and raise.
+
+    ``real_node``: ``"auto"`` (start one where root and the kernel allow, else
+    say why in ``Cluster.real_node_reason``), ``"1"`` (must start), ``"0"``
+    (KWOK only); default from ``$LABFLEET_REAL_NODE``, else ``"auto"``."""
     progress = progress or _print
     state_dir = Path(state_dir).resolve()
     if (state_dir / "pids.json").exists():
@@ -380,10 +304,16 @@ def start_cluster(
         )
     b = ensure_binaries(build=build, progress=progress)
     state_dir.mkdir(parents=True, exist_ok=True)
+    mode = real_node if real_node is not None else node_lib.requested_mode()
+    plan, reason = _plan_real_node(state_dir, mode, build, progress)
     procs = _Procs(state_dir, die_with_parent)
     try:
-        return _start(state_dir, b, procs, fleet, webhooks, kueue, progress, timeout)
+        return _start(
+            state_dir, b, procs, fleet, webhooks, kueue, progress, timeout, (plan, reason, mode)
+        )
     except BaseException:
+        if plan is not None:
+            node_lib.release(plan)
         progress("start failed; tearing down")
         try:
             stop_cluster(state_dir, progress=progress)
@@ -401,8 +331,10 @@ def _start(
     kueue: bool,
     progress: Progress,
     timeout: float,
+    node: tuple = (None, "", "0"),
 ) -> Cluster:
     t0 = time.monotonic()
+    plan, no_node_reason, node_mode = node
     pki = state_dir / "pki"
     progress(f"state dir {state_dir}; generating certificates")
     ns, svc = kueue_parts.VISIBILITY_SERVICE
@@ -442,6 +374,7 @@ def _start(
         kubectl_bin=b.kubectl,
         ports=ports,
         webhooks=webhooks and kueue,
+        real_node_reason=no_node_reason,
     )
 
     # etcd ---------------------------------------------------------------
@@ -508,7 +441,15 @@ def _start(
             "--service-account-signing-key-file",
             str(pki / "sa.key"),
             "--service-cluster-ip-range",
-            SERVICE_CIDR,
+            # pods on the real node reach services through kube-proxy on its bridge
+            node_lib.SERVICE_CIDR if plan is not None else SERVICE_CIDR,
+            # logs/exec on the real node: the apiserver calls kubelet at its InternalIP
+            "--kubelet-client-certificate",
+            str(pki / "server.crt"),
+            "--kubelet-client-key",
+            str(pki / "server.key"),
+            "--kubelet-preferred-address-types",
+            "InternalIP",
             # API aggregation (Kueue's visibility API): the aggregator's client
             # certificate and the request-header identity it forwards.
             "--requestheader-client-ca-file",
@@ -712,6 +653,15 @@ def _start(
         ),
         60,
     )
+    if plan is not None:
+        try:
+            cluster.real_node = node_lib.start(plan, cluster, procs, free_port, _wait, progress)
+        except (node_lib.NodeError, ClusterError, subprocess.SubprocessError, OSError) as e:
+            if node_mode == "1":
+                raise
+            progress(f"the real node failed to start; continuing with KWOK only: {e}")
+            _stop_real_node(state_dir, 15, progress)
+            cluster.real_node_reason = f"the real node failed to start: {e}"
     for name in procs.popen:
         procs.check_alive(name)
 
@@ -753,6 +703,90 @@ def _register_visibility(
 
 
 # --------------------------------------------------------------------------
+# the real node (tools/cluster/node.py)
+
+
+def _plan_real_node(state_dir: Path, mode: str, build: bool, progress: Progress):
+    """(the lock-holding plan, or None; why not) for ``mode`` auto/1/0."""
+    if mode == "0":
+        return None, f"switched off ({node_lib.ENV_VAR}=0)"
+    if node_binaries() is None and build and shutil.which("gcc") and shutil.which("go"):
+        subprocess.run(["bash", str(BUILD_SH), "kubernetes", "pause"], stdout=sys.stderr)
+    plan, reason = None, node_lib.unavailable_reason(node_binaries()) or ""
+    if not reason:
+        try:
+            plan = node_lib.acquire(state_dir, node_binaries(), 60, progress)
+        except node_lib.NodeError as e:
+            reason = str(e)
+    if reason and mode == "1":
+        raise ClusterError(f"real node requested but unavailable: {reason}")
+    if reason:
+        progress(f"no real node: {reason}")
+    return plan, reason
+
+
+def _stop_real_node(state_dir: Path, timeout: float, progress: Progress) -> None:
+    kubectl = None
+    if (state_dir / "cluster.json").exists():
+        c = Cluster.from_state(state_dir)
+
+        def kubectl(*args, check=False, timeout=30):
+            return c.kubectl(*args, check=check, timeout=timeout)
+
+    try:
+        node_lib.stop(
+            state_dir,
+            kubectl,
+            lambda names: procs_lib.stop_components(state_dir, names, timeout),
+            progress,
+        )
+    except (node_lib.NodeError, subprocess.SubprocessError, OSError) as e:
+        raise ClusterError(str(e)) from None
+
+
+def stop_real_node(cluster: Cluster, progress: Progress | None = None) -> None:
+    """Stop only the real node and sweep what it made; the control plane keeps running."""
+    _stop_real_node(cluster.state_dir, 15, progress or _print)
+    cluster.real_node = None
+
+
+def start_real_node(
+    cluster: Cluster, die_with_parent: bool = False, progress: Progress | None = None
+) -> dict:
+    """Start the real node again on a running cluster that was started with one."""
+    progress = progress or _print
+    plan, reason = _plan_real_node(cluster.state_dir, "1", True, progress)
+    procs = _Procs(cluster.state_dir, die_with_parent)
+    procs.record = json.loads((cluster.state_dir / "pids.json").read_text())
+    try:
+        cluster.real_node = node_lib.start(plan, cluster, procs, free_port, _wait, progress)
+    except BaseException:
+        node_lib.release(plan)
+        _stop_real_node(cluster.state_dir, 15, progress)
+        raise
+    cluster.kubectl("uncordon", node_lib.NODE_NAME)
+    (cluster.state_dir / "cluster.json").write_text(json.dumps(cluster.to_json(), indent=1))
+    return cluster.real_node
+
+
+def stop_cluster(
+    state_dir: Path | str, timeout: float = 15, progress: Progress | None = None
+) -> None:
+    """Stop the cluster in state_dir (the real node first, swept clean); raise on leftovers."""
+    progress = progress or _print
+    state_dir = Path(state_dir)
+    error: Exception | None = None
+    if (state_dir / "pids.json").exists() and node_lib.present(state_dir):
+        try:
+            _stop_real_node(state_dir, timeout, progress)
+        except ClusterError as e:
+            error = e
+    procs_lib.stop_cluster(state_dir, timeout, progress)
+    if error is not None:
+        raise error
+
+
+# --------------------------------------------------------------------------
 # CLI
 
 
@@ -767,6 +801,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     up.add_argument("--no-webhooks", action="store_true", help="do not register Kueue webhooks")
     up.add_argument("--no-kueue", action="store_true", help="do not start Kueue")
     up.add_argument("--no-build", action="store_true", help="fail instead of running build.sh")
+    up.add_argument(
+        "--real-node",
+        choices=["auto", "1", "0"],
+        default=None,
+        help="the real node: auto (default; where root and the kernel allow), 1 (must), 0 (none)",
+    )
     down = sub.add_parser("down", help="stop the cluster")
     down.add_argument("--state", required=True, type=Path)
     down.add_argument("--purge", action="store_true", help="also delete the state dir")
@@ -783,7 +823,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                 webhooks=not args.no_webhooks,
                 kueue=not args.no_kueue,
                 build=not args.no_build,
+                real_node=args.real_node,
             )
+            if c.real_node_reason:
+                print(f"# no real node: {c.real_node_reason}", file=sys.stderr)
             print(f"export KUBECONFIG={c.kubeconfig}")
         elif args.cmd == "down":
             stop_cluster(args.state)

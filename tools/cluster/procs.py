@@ -97,7 +97,11 @@ class _Procs:
         self.record: dict[str, dict] = {}
 
     def start(
-        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
         log.write(("$ " + " ".join(cmd) + "\n").encode())
@@ -111,6 +115,7 @@ class _Procs:
             env=env,
             start_new_session=True,  # own process group: killpg reaches all children
             preexec_fn=_set_pdeathsig if self.die_with_parent else None,
+            pass_fds=pass_fds,
         )
         log.close()
         self.popen[name] = p
@@ -216,6 +221,40 @@ def stop_cluster(
     if leftovers:
         raise ClusterError(f"processes survived teardown: {leftovers}")
     progress(f"cluster in {state_dir} stopped")
+
+
+def stop_components(
+    state_dir: Path | str, names: list[str], timeout: float = 15
+) -> dict[str, list[int]]:
+    """Stop some components (SIGTERM, then SIGKILL after ``timeout``); what survived.
+
+    They stay in pids.json (a later ``stop_cluster`` finds their groups empty)."""
+    pid_file = Path(state_dir) / "pids.json"
+    if not pid_file.exists():
+        return {}
+    record: dict[str, dict] = json.loads(pid_file.read_text())
+    groups = []
+    for name in names:
+        if name not in record:
+            continue
+        pid = record[name]["pid"]
+        start = _proc_starttime(pid)
+        if start is not None and record[name].get("start") not in (None, start):
+            continue
+        groups.append((name, pid))
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        for _name, pgid in groups:
+            if _group_members(pgid):
+                try:
+                    os.killpg(pgid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_group_members(g) for _, g in groups):
+            _reap()
+            time.sleep(0.1)
+        _reap()
+    return {n: m for n, g in groups if (m := _group_members(g))}
 
 
 _POPENS: dict[int, subprocess.Popen] = {}
