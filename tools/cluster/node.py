@@ -14,9 +14,11 @@ What it makes, and what tear-down removes again (``stop`` then ``leftovers``):
   network namespaces: containerd mounts those under its own state dir);
 - the bridge ``lfrn0`` (10.244.0.1/24) with a route for the service range,
   the pods' veths, forwarding switched on for that bridge alone
-  (``net.ipv4.conf.lfrn0.forwarding=1``; the global ``ip_forward`` stays 0);
-- iptables: ``FORWARD -i lfrn0 ! -o lfrn0 -j DROP`` (nothing from a pod
-  leaves the machine) and the ``KUBE-*`` chains kubelet and kube-proxy make;
+  (``net.ipv4.conf.lfrn0.forwarding=1``; the global ``ip_forward`` is left
+  as it was);
+- iptables: ``FORWARD -i lfrn0 ! -o lfrn0 -j DROP`` in the mangle and filter
+  tables (nothing from a pod leaves the machine) and the ``KUBE-*`` chains
+  kubelet and kube-proxy make (IPv4 and IPv6);
 - the cgroup ``/labfleet-real-node`` in every v1 hierarchy (kubelet's
   ``cgroupRoot``);
 - kernel tunables kubelet sets (``kernel.panic``, ``vm.overcommit_memory``, ...):
@@ -680,6 +682,12 @@ def kube_chain_names() -> list[str]:
 
 if __name__ == "__main__":  # pragma: no cover - manual clean-up
     if len(sys.argv) == 3 and sys.argv[1] == "sweep":
+        # only under the machine-wide lock: the sweep removes every KUBE-* chain
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"a real node is running ({OWNER_FILE.read_text().strip()}): not sweeping")
         sweep(Path(sys.argv[2]), print)
         print(json.dumps(leftovers(Path(sys.argv[2])), indent=1))
     else:
