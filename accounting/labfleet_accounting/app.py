@@ -18,8 +18,8 @@ import asyncio
 import os
 import sys
 
-from jupyterhub.services.auth import HubOAuth
 from labfleet_hub.bodylimit import HARD_CAP_BYTES
+from labfleet_hub.hubauth import AuthCacheConfig
 from labfleet_hub.private import ACCOUNTING_DB_URL_ENV, HUB_DB_URL_ENV
 from labfleet_hub.procs import stop_event
 from labfleet_hub.service_page import HubNav
@@ -37,7 +37,7 @@ from .service import Context, make_app
 from .spool import SpoolCollector
 
 
-class AccountingApp(Application):
+class AccountingApp(AuthCacheConfig, Application):
     name = "labfleet-accounting"
     description = "labfleet accounting: usage ledger, collectors, reports, budgets, metrics."
 
@@ -233,7 +233,8 @@ class ServeApp(AccountingApp):
 
             names = QueueConfig(groups={}, name_prefix=self.queue_name_prefix)
             quotas = QuotaManager(KubeAPI(api), engine, names.cluster_queue)
-        hub_auth = HubOAuth(parent=self)
+        # a short cache for reads, none for changes (labfleet_hub.hubauth)
+        hub_auth = self.make_hub_auth()
         services = self.hub_services or [os.environ.get("JUPYTERHUB_SERVICE_NAME", "")]
         context = Context(
             engine, weights, self.admin_group_pattern, dict(self.group_admins),

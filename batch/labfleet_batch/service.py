@@ -37,6 +37,7 @@ import yaml
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, check_scopes
 from jupyterhub.utils import url_path_join
 from labfleet_hub.bodylimit import HARD_CAP_BYTES, BodyLimit, OpenAPIHandler
+from labfleet_hub.hubauth import AuthCacheConfig, reads
 from labfleet_hub.posix_ids import HubIdsUnavailable, hub_api_ids
 from labfleet_hub.private import BUDGET_DB_URL_ENV
 from labfleet_hub.procs import stop_event
@@ -112,11 +113,6 @@ def caller_from_model(model: dict | None, hub_auth: HubAuth) -> Caller:
     return Caller.from_hub_model(model)
 
 
-#: How long the service keeps the hub's answer for a token for reading requests (s);
-#: submit and cancel are never answered from the cache (docs/security.md).
-AUTH_CACHE_SECONDS = 5
-
-
 class BaseHandler(BodyLimit, web.RequestHandler):
     ctx: Context
     caller: Caller
@@ -139,8 +135,8 @@ class BaseHandler(BodyLimit, web.RequestHandler):
             raise web.HTTPError(401, "send a hub API token: Authorization: token <token>")
         # A request that changes something (submit, cancel) asks the hub every time, so a
         # token revoked there (deleted, or its server stopped) stops working at once;
-        # reads may use HubAuth's cache, kept AUTH_CACHE_SECONDS by the service.
-        use_cache = self.request.method in ("GET", "HEAD")
+        # reads may use HubAuth's cache, kept auth_cache_seconds (labfleet_hub.hubauth).
+        use_cache = reads(self.request.method)
         model = await hub_auth.user_for_token(token, use_cache=use_cache, sync=False)
         self.caller = caller_from_model(model, hub_auth)
 
@@ -393,7 +389,7 @@ def make_app(ctx: Context, prefix: str = "/") -> web.Application:
     )
 
 
-class BatchService(Application):
+class BatchService(AuthCacheConfig, Application):
     """``labfleet-batch-service``: run by the hub as a managed (or external) service."""
 
     name = "labfleet-batch-service"
@@ -552,14 +548,6 @@ class BatchService(Application):
         config=True, help="Where to listen; default $JUPYTERHUB_SERVICE_URL or 127.0.0.1:10101."
     )
     hub_auth = Instance(HubAuth, allow_none=True, help="Set by initialize (or by tests).")
-    auth_cache_seconds = Integer(
-        AUTH_CACHE_SECONDS,
-        config=True,
-        help="""Seconds the hub's answer for a token (or a page's login) is kept for reading
-        requests: how long a token revoked at the hub (deleted, its server stopped) still
-        reads. Requests that change something (submit, cancel) always ask the hub.
-        JupyterHub's default is 300.""",
-    )
     hub_services = List(
         Unicode(),
         config=True,
@@ -591,7 +579,7 @@ class BatchService(Application):
         if self.hub_auth is None:
             # HubOAuth: tokens as HubAuth, and browser logins for the queue page;
             # reads JUPYTERHUB_* (client id, callback URL) from the environment
-            self.hub_auth = HubOAuth(parent=self, cache_max_age=max(1, self.auth_cache_seconds))
+            self.hub_auth = self.make_hub_auth()
 
     async def make_context(self) -> Context:
         catalogue = load_catalogue(self.catalogue_path)

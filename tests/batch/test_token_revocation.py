@@ -15,7 +15,8 @@ import json
 import time
 
 from labfleet_batch.local import LocalBackend
-from labfleet_batch.service import AUTH_CACHE_SECONDS, BatchService, Context
+from labfleet_batch.service import BatchService, Context
+from labfleet_hub.hubauth import AUTH_CACHE_SECONDS
 from labfleet_spawner.devices import DeviceAllocator
 
 from tests.batch.harness import running_service

@@ -28,10 +28,10 @@ def batch_app(prefix):
 
 
 def accounting_app(prefix):
+    from types import SimpleNamespace
+
     from labfleet_accounting.openapi import DOCUMENT
     from labfleet_accounting.service import make_app
-
-    from types import SimpleNamespace
 
     # routes only: no request reaches the context (metrics take its registry up front)
     return make_app(SimpleNamespace(registry=None), hub_auth(prefix), prefix), DOCUMENT
