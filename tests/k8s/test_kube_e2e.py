@@ -20,6 +20,7 @@ enforce the pod's uid, volumes or resources (a real kubelet does).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -83,7 +84,7 @@ class NodeAgent(threading.Thread):
         argv = argv or ["jupyterhub-singleuser"]
         assert Path(argv[0]).name == "jupyterhub-singleuser", argv
         port = container["ports"][0]["containerPort"]
-        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        env = self._environment(container, pod["metadata"]["namespace"])
         home = tempfile.mkdtemp(prefix="nodeagent-home-")
         env.update(
             PATH=f"{VENV_BIN}:/usr/bin:/bin",
@@ -99,6 +100,19 @@ class NodeAgent(threading.Thread):
             argv, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.started[pod["metadata"]["name"]] = pod
+
+    def _environment(self, container: dict, namespace: str) -> dict[str, str]:
+        """The container's environment as the kubelet makes it: values, and the
+        server's Secret for ``secretKeyRef`` (its token is not in the pod spec)."""
+        env = {}
+        for e in container.get("env", []):
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is None:
+                env[e["name"]] = e.get("value", "")
+                continue
+            secret = self.cluster.kubectl_json("get", "secret", ref["name"], "-n", namespace)
+            env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
 
     def _terminate(self, name: str) -> None:
         process = self.processes.pop(name)
