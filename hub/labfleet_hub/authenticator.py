@@ -516,7 +516,11 @@ class IAMAuthenticator(GenericOAuthenticator):
         self.log.warning(
             "Sign-in of %s expired and cannot be renewed: asking to log in again", user.name
         )
-        login_url = url_concat(handler.settings["login_url"], {"next": handler.request.uri})
+        # back to the page after the login; a form's POST comes back as its page, without
+        # the form's query (a GET /hub/spawn with arguments would spawn with them)
+        request = handler.request
+        back = request.uri if request.method in ("GET", "HEAD") else request.path
+        login_url = url_concat(handler.settings["login_url"], {"next": back})
         handler.clear_login_cookie()
         raise LoginExpired(user.name, self.login_service, login_url)
 

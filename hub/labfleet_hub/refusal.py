@@ -115,7 +115,9 @@ class LoginExpired(web.HTTPError):
             "renewed without you. Please log in again."
         )
         super().__init__(401, log_message=text.replace("%", "%%"), reason=self.REASON)
-        self.jupyterhub_message = text
+        self.text = text
+        # no plain message: the spawn form and the error page then show the HTML one
+        self.jupyterhub_message = ""
         self.login_url = login_url
         self.jupyterhub_html_message = (
             f'<span class="lead" id="labfleet-login-expired">{html.escape(text)}</span><br>'

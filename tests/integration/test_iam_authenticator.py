@@ -56,9 +56,9 @@ def make_authenticator(issuer, **kw):
     )
 
 
-async def login(auth, idp, username):
+async def login(auth, idp, username, scope=flow.SCOPE):
     await auth.discover()
-    code, verifier, _ = flow.login(idp, username, f"{username}-pass")
+    code, verifier, _ = flow.login(idp, username, f"{username}-pass", scope=scope)
     params = {
         "code": code,
         "grant_type": "authorization_code",
@@ -193,3 +193,68 @@ async def test_unreachable_issuer_is_a_clear_503():
         await auth.discover()
     assert info.value.status_code == 503
     assert "cannot be reached right now" in str(info.value)
+
+
+#: What an identity provider without offline_access (or a client not allowed it) grants.
+NO_OFFLINE = "openid profile email wlcg wlcg.groups"
+
+
+async def test_issuer_with_userdata_from_id_token_logs_in(idp):
+    # issue 10: discovery filled userdata_url and OAuthenticator then answered every
+    # login with a 500 ("Cannot specify both ... userdata_from_id_token")
+    auth = make_authenticator(idp.issuer, userdata_from_id_token=True)
+    await auth.discover()
+    assert auth.userdata_url == ""
+    model = await login(auth, idp, "alice")
+    assert model["name"] == "alice"
+    assert set(model["groups"]) == {"users", "ml"}
+    assert model["auth_state"]["oauth_user"]["sub"]  # the ID token's claims
+
+
+async def test_token_within_margin_without_refresh_token_keeps_working(idp):
+    # issue 10: a token living no longer than token_refresh_margin and no refresh token:
+    # refresh_user was False right after login, so every spawn was refused
+    auth = make_authenticator(idp.issuer, token_refresh_margin=7200)  # > the IdP's 3600 s
+    model = await login(auth, idp, "bob", scope=NO_OFFLINE)
+    assert model["auth_state"]["refresh_token"] is None
+    user = HubUser("bob", model["auth_state"])
+    set_groups(idp, "bob", ["ai-infn/users", "ai-infn/fpga"])
+    refreshed = await auth.refresh_user(user)
+    assert refreshed, "a valid token without a refresh token must not force a new login"
+    assert set(refreshed["groups"]) == {"users", "fpga"}  # userinfo read with it
+    assert (await auth.fresh_access_token(user))["access_token"] == model["auth_state"][
+        "access_token"
+    ]
+
+
+async def test_expired_token_without_refresh_token_needs_new_login(tmp_path):
+    accounts = tmp_path / "accounts.yaml"
+    shutil.copy(flow.ACCOUNTS, accounts)
+    server = flow._start(tmp_path, accounts, access_token_ttl=2)
+    try:
+        auth = make_authenticator(server.issuer)
+        model = await login(auth, server, "alice", scope=NO_OFFLINE)
+        user = HubUser("alice", model["auth_state"])
+        assert await auth.refresh_user(user)  # still valid: userinfo read with it
+        time.sleep(3)
+        assert await auth.refresh_user(user) is False
+        # pretend the hub's clock lags: the IdP refuses the token, still no refresh token
+        user._auth_state["expires_at"] = time.time() + 3600
+        assert await auth.refresh_user(user) is False
+    finally:
+        server.stop()
+
+
+async def test_refresh_user_hook_is_asked_when_the_token_is_near_expiry(idp):
+    seen = []
+
+    async def hook(authenticator, user, auth_state):
+        seen.append(auth_state["access_token"])
+        return True  # e.g. "this IdP's sessions are checked elsewhere"
+
+    auth = make_authenticator(idp.issuer, refresh_user_hook=hook)
+    model = await login(auth, idp, "alice")
+    user = HubUser("alice", model["auth_state"])
+    user._auth_state["expires_at"] = time.time() + 10  # within token_refresh_margin
+    assert await auth.refresh_user(user) is True
+    assert seen == [model["auth_state"]["access_token"]]
