@@ -45,3 +45,16 @@ def test_z2jh_schema_rejects_a_typo():
     defaults = yaml.safe_load((Z2JH / "values.yaml").read_text())
     with pytest.raises(jsonschema.ValidationError, match="imagee"):
         jsonschema.validate(merged(defaults, {"hub": {"imagee": {}}}), schema)
+
+
+def test_notebook_pods_get_the_z2jh_network_policy_without_metadata_or_private_ranges():
+    if not Z2JH_SCHEMA.exists():
+        pytest.skip(f"{Z2JH_SCHEMA} not present")
+    defaults = yaml.safe_load((Z2JH / "values.yaml").read_text())
+    policy = merged(defaults, VALUES["jupyterhub"])["singleuser"]["networkPolicy"]
+    assert policy["enabled"] is True
+    rules = policy["egressAllowRules"]
+    # other pods, nodes and the metadata service are out of reach; the hub's and the
+    # proxy's pods are allowed by the chart's own rules (docs/security.md)
+    assert rules["cloudMetadataServer"] is False and rules["privateIPs"] is False
+    assert policy["egress"] == [] and not policy.get("ingress")
