@@ -45,6 +45,8 @@ DEFAULT_NAMES = ("hub", "services", "singleuser")
 CONTEXT_PATHS = ("pyproject.toml", "README.md", "hub", "spawner", "batch", "accounting")
 #: files of images/ shared by every Containerfile (copied into each context)
 SHARED_IMAGE_FILES = ("images/build-env.sh",)
+#: other images' folders an image's Containerfile copies from
+IMAGE_EXTRA_DIRS = {"singleuser-cuda": ("images/singleuser",)}
 #: never part of a context
 SKIP_NAMES = {"__pycache__", "node_modules", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".egg-info")
@@ -110,10 +112,12 @@ def context_files(root: Path, name: str) -> list[str]:
     """The build context of image ``name``: relative paths, sorted.
 
     The distribution's sources (:data:`CONTEXT_PATHS`), the shared image files
-    and everything in ``images/<name>/``; caches and bytecode left out.
+    and everything in ``images/<name>/`` (and :data:`IMAGE_EXTRA_DIRS`);
+    caches and bytecode left out.
     """
     found: list[str] = []
-    for entry in (*CONTEXT_PATHS, *SHARED_IMAGE_FILES, f"images/{name}"):
+    extra = IMAGE_EXTRA_DIRS.get(name, ())
+    for entry in (*CONTEXT_PATHS, *SHARED_IMAGE_FILES, f"images/{name}", *extra):
         path = root / entry
         if path.is_file():
             found.append(entry)
@@ -381,10 +385,22 @@ def build_image(
             f"{name}: podman build failed (exit {rc}); log {log_path}:\n"
             + _tail(log_path.read_text())
         )
+    remove_older(name, ref)
     size = image_size(ref)
     _say(progress, f"{name}: built {ref} in {time.monotonic() - started:.0f} s "
                    f"({human_size(size)})")  # fmt: skip
     return ref, False
+
+
+def remove_older(name: str, keep: str) -> list[str]:
+    """Untag this image's earlier builds (``localhost/labfleet-<name>:<other hash>``),
+    so code changes do not pile up images; layers the new one shares stay, and
+    an image a container still uses is left alone. The refs removed."""
+    repo = keep.rsplit(":", 1)[0]
+    proc = _run([podman(), "images", "--format", "{{.Repository}}:{{.Tag}}", repo])
+    old = [r for r in proc.stdout.split() if r.startswith(repo + ":") and r != keep]
+    removed = [r for r in old if _run([podman(), "rmi", r]).returncode == 0]
+    return removed
 
 
 def build_images(
@@ -463,7 +479,7 @@ def cmd_images(args) -> int:
     print()
     for name, ref, cached, seconds in results:
         state = "cached" if cached else f"built in {seconds:.0f} s"
-        print(f"  {name:16} {ref:48} {human_size(image_size(ref)):>9}  {state}")
+        print(f"  {name:16} {ref:54} {human_size(image_size(ref)):>9}  {state}")
     print(f"==> images ready in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 

@@ -61,6 +61,10 @@ def test_hash_is_stable_and_follows_every_input(tree):
     # another image's Containerfile does not count either
     (tree / "images" / "singleuser" / "Containerfile").write_text("FROM z\n")
     assert images.content_hash(tree, "hub", "sha256:base1") == first
+    # an image's Containerfile may copy from another's folder
+    (tree / "images" / "singleuser-cuda").mkdir()
+    (tree / "images" / "singleuser-cuda" / "Containerfile").write_text("FROM w\n")
+    assert "images/singleuser/Containerfile" in images.context_files(tree, "singleuser-cuda")
     changes = {
         "base": images.content_hash(tree, "hub", "sha256:base2"),
         "arg": images.content_hash(tree, "hub", "sha256:base1", {"X": "1"}),
@@ -194,12 +198,15 @@ def test_services_have_a_healthcheck(name):
 
 
 def test_images_share_their_dependency_layer():
-    """The same steps, word for word, up to the Python dependencies: one build, shared."""
+    """The same steps, word for word, from FROM to the Python dependencies: one build,
+    shared (only the public default of BASE differs)."""
     prefixes = []
-    for name in ("hub", "services", "singleuser"):
+    for name in images.NAMES:
         steps = instructions(CONTAINERFILES[name])
-        prefixes.append(steps[: next(i for i, s in enumerate(steps) if "requirements" in s[1]) + 1])
-    assert prefixes[0] == prefixes[1] == prefixes[2]
+        prefixes.append(
+            steps[1 : next(i for i, s in enumerate(steps) if "requirements" in s[1]) + 1]
+        )
+    assert all(prefix == prefixes[0] for prefix in prefixes)
 
 
 def test_build_env_uses_secrets_only_when_given():
@@ -217,6 +224,7 @@ case "$(basename "$0") $1 $2" in
   "podman image inspect") echo 123000000; exit 0 ;;
   "podman import"*) for a; do last=$a; done
     touch "$FAKE_STATE/exists-$(echo "$last" | tr '/:' '__')" ;;
+  "podman images"*) for r in $FAKE_IMAGES; do echo "$r"; done ;;
   "podman build"*) echo "STEP 1/2: FROM x"; echo "STEP 2/2: RUN y"; echo noise ;;
   "podman save"*) while [ $# -gt 0 ]; do [ "$1" = -o ] && echo archive > "$2"; shift; done ;;
   mmdebstrap*) for a; do last=$a; done; echo "epoch=$SOURCE_DATE_EPOCH" > "$last" ;;
@@ -274,9 +282,16 @@ def test_build_command_and_cache(fake_tools, tmp_path, monkeypatch):
     ca.write_text("cert\n")
     monkeypatch.setenv("LABFLEET_BUILD_CA", str(ca))
     monkeypatch.setenv("LABFLEET_BUILD_PIP_CONF", "")
+    # an earlier build of services and another image's build
+    monkeypatch.setenv(
+        "FAKE_IMAGES", "localhost/labfleet-services:0ld localhost/labfleet-servicesx:1"
+    )
     said = []
     refs = images.build_images(["services"], progress=said.append)
     ref = refs["services"]
+    calls = fake_tools.read_text()
+    assert "podman rmi localhost/labfleet-services:0ld" in calls  # untagged, not piling up
+    assert "labfleet-servicesx" not in calls.split("rmi", 1)[1]
     assert re.fullmatch(r"localhost/labfleet-services:[0-9a-f]{16}", ref)
     build = next(line for line in fake_tools.read_text().splitlines() if " build " in line)
     assert f"--build-arg BASE={images.base_tag()}" in build

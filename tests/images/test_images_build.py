@@ -1,0 +1,211 @@
+"""The images really built with podman, on the local mmdebstrap Debian base.
+
+Every image builds (the CUDA one without its CUDA libraries: the base has
+none), runs its entry points as a non-root uid, the hub answers its own
+HEALTHCHECK, no layer keeps the host's pip configuration or CA bundle, and a
+second build with nothing changed is a cache lookup. Needs root (or rootless
+podman), podman and mmdebstrap (tools/bootstrap.sh); with CI=true nothing skips.
+The first run builds for minutes; later runs find the images cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from labfleet_hub import images
+
+NOTEBOOKS = ("singleuser", "singleuser-cuda")
+
+
+def _missing() -> str | None:
+    for tool in ("podman", "mmdebstrap"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (tools/bootstrap.sh installs it as root)"
+    proc = subprocess.run(["podman", "info"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"podman does not work here: {proc.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def built():
+    why = _missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: the image tests cannot run: {why}")
+        pytest.skip(why)
+    said: list[str] = []
+    started = time.monotonic()
+    refs = images.build_images(images.NAMES, progress=said.append)
+    print(f"\nimages ready in {time.monotonic() - started:.0f} s: {refs}")
+    return refs
+
+
+def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def run_in(ref: str, script: str, *extra: str) -> str:
+    """``sh -c script`` in a throw-away container without network; its output."""
+    proc = podman(
+        "run", "--rm", "--network=none", "--no-healthcheck", *extra, ref, "sh", "-c", script
+    )
+    return proc.stdout
+
+
+def config(ref: str) -> dict:
+    return json.loads(podman("image", "inspect", ref).stdout)[0]
+
+
+def test_every_image_is_built_and_tagged_by_content(built):
+    assert set(built) == set(images.NAMES)
+    for name, ref in built.items():
+        assert ref.startswith(f"localhost/labfleet-{name}:"), ref
+        labels = config(ref)["Config"]["Labels"]
+        assert labels["org.opencontainers.image.title"] == f"labfleet-{name}"
+        assert labels["org.opencontainers.image.base.name"] == images.base_tag()
+        assert labels["io.labfleet.content-hash"] == ref.rsplit(":", 1)[1]
+        for key in ("description", "licenses", "vendor", "version"):
+            assert labels.get(f"org.opencontainers.image.{key}"), (name, key)
+
+
+def test_numeric_non_root_user_and_path(built):
+    for name, ref in built.items():
+        cfg = config(ref)["Config"]
+        uid = cfg["User"].split(":")[0]
+        assert uid.isdigit() and uid != "0", (name, cfg["User"])
+        assert any(e.startswith("PATH=/opt/labfleet/bin:") for e in cfg["Env"]), name
+        assert run_in(ref, "id -u").strip() == uid
+        # nothing of the build's secrets survives as configuration
+        for env in cfg["Env"]:
+            assert not env.startswith(
+                ("PIP_CERT=", "PIP_CONFIG_FILE=", "APT_CONFIG=", "SSL_CERT_FILE=")
+            ), (name, env)
+
+
+def test_hub_entry_points(built):
+    out = run_in(
+        built["hub"],
+        "jupyterhub --version && configurable-http-proxy --version && node --version"
+        " && labfleet images --help >/dev/null && ! command -v npm && echo ok",
+    ).split()
+    assert out[0] == "6.1.1" and out[1] == "5.3.0" and out[2].startswith("v")
+    assert out[-1] == "ok"
+
+
+def test_hub_answers_its_healthcheck(built):
+    """JupyterHub and configurable-http-proxy really run in the image: the
+    container's own HEALTHCHECK (GET /hub/health) turns healthy."""
+    name = f"labfleet-hub-health-{os.getpid()}"
+    podman("run", "-d", "--rm", "--network=none", "--name", name, built["hub"], "jupyterhub")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if podman("healthcheck", "run", name, check=False).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                logs = podman("logs", name, check=False)
+                raise AssertionError(f"hub never healthy:\n{logs.stdout}{logs.stderr}"[-3000:])
+            time.sleep(1)
+        assert "/hub/health" in json.dumps(config(built["hub"])["Healthcheck"])
+    finally:
+        podman("rm", "-f", "-t", "2", name, check=False)
+
+
+def test_services_entry_points(built):
+    out = run_in(
+        built["services"],
+        "labfleet-batch-service --version && labfleet-accounting --version"
+        " && labfleet-accounting gpu-exporter --help >/dev/null && labfleet-batch --help"
+        " >/dev/null && echo ok",
+    )
+    assert out.split()[-1] == "ok"
+    assert config(built["services"])["Healthcheck"]["Test"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_entry_points_for_any_uid(built, name):
+    """Kubernetes runs a notebook under its owner's uid, not the image's."""
+    script = (
+        "id -u && jupyter lab --version && jupyterhub-singleuser --version"
+        " && labfleet-batch --help >/dev/null"
+        " && ipython -c \"print('batch' in get_ipython().magics_manager.magics['cell'])\""
+    )
+    for extra in ((), ("--user", "4242:4242")):
+        out = run_in(built[name], script, *extra).split()
+        assert out[0] == ("4242" if extra else "1000")
+        assert out[1].startswith("4.") and out[2].startswith("6.1"), out
+        assert out[-1] == "True", "the %%batch magic is loaded in every kernel"
+
+
+def _layer_digests(archive: Path) -> tuple[list[str], tarfile.TarFile]:
+    tar = tarfile.open(archive)
+    manifest = json.load(tar.extractfile("manifest.json"))
+    return manifest[0]["Layers"], tar
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_layers_keep_no_host_configuration(built, tmp_path):
+    """The saved images' own layers (above the base) hold neither the host's
+    pip.conf nor its CA bundle (by path or by content), nor anything under
+    /run/secrets where the build mounted them."""
+    host = {}
+    for path in (images.HOST_CA, images.HOST_PIP_CONF):
+        if Path(path).is_file():
+            data = Path(path).read_bytes()
+            host[(len(data), _sha(data))] = path
+    assert host, "nothing of the host's to look for"
+    base_layers = len(config(images.base_tag())["RootFS"]["Layers"])
+    base_ca = run_in(images.base_tag(), f"sha256sum {images.HOST_CA} || true").split()[:1]
+    forbidden = ("etc/pip.conf", "etc/xdg/pip/pip.conf", "root/.config/pip/pip.conf", "root/.npmrc")
+    for name in ("hub", "services", "singleuser"):
+        archive = images.save_archive(built[name], tmp_path / f"{name}.tar")
+        layers, tar = _layer_digests(archive)
+        added = layers[base_layers:]
+        assert added, name
+        checked = 0
+        for layer in added:
+            with tarfile.open(fileobj=tar.extractfile(layer)) as inner:
+                for member in inner:
+                    path = member.name.lstrip("./")
+                    assert path not in forbidden, (name, path)
+                    if path.startswith("run/secrets/"):
+                        assert not member.isfile(), (name, path)
+                    if not member.isfile():
+                        continue
+                    checked += 1
+                    if any(size == member.size for size, _ in host):
+                        digest = _sha(inner.extractfile(member).read())
+                        origin = host.get((member.size, digest))
+                        if origin == images.HOST_CA and path == images.HOST_CA.lstrip("/"):
+                            # the image's own bundle, as its base's ca-certificates made it
+                            assert base_ca == [digest], (name, path)
+                        else:
+                            assert origin is None, f"{name}: {path} is the host's {origin}"
+        assert checked > 100, (name, checked)
+        tar.close()
+        archive.unlink()
+
+
+def test_second_build_is_cached(built):
+    said: list[str] = []
+    started = time.monotonic()
+    again = images.build_images(images.NAMES, progress=said.append)
+    elapsed = time.monotonic() - started
+    assert again == built
+    assert [m for m in said if "cached" in m] and not [m for m in said if "building" in m]
+    assert elapsed < 30, f"a cached build took {elapsed:.0f} s"
