@@ -15,6 +15,14 @@ What it adds to OAuthenticator's ``GenericOAuthenticator``:
   and a user no longer in an allowed group cannot start a server;
 - a token endpoint (:mod:`labfleet_hub.tokens`) from which code in a notebook
   gets a fresh access token;
+- each hub user bound to one identity-provider account, the ``sub`` of its
+  first login (:mod:`labfleet_hub.subject_binding`);
+- a browser whose sign-in can no longer be renewed is asked to log in again
+  (:class:`labfleet_hub.refusal.LoginExpired`), never JupyterHub 6.1.1's 500;
+- otherwise a drop-in ``GenericOAuthenticator``: OAuthenticator 17.4's own
+  ``test_generic.py`` passes (``tests/unit/test_oauthenticator_suite.py``), its
+  group settings and hooks are honoured, and the defaults that differ on
+  purpose are listed in docs/identity.md;
 - no token ever logged (:mod:`labfleet_hub.redact`).
 """
 
