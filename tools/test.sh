@@ -3,6 +3,8 @@
 #   unit/        no network
 #   integration/ real hub, proxy, identity provider and headless Chromium
 #   k8s/         real control plane built from Go modules (tools/cluster)
+#   images/      labfleet's container images, built with podman on a Debian
+#                base made with mmdebstrap (labfleet images build)
 # With CI=true nothing may be skipped for a missing toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,16 @@ if command -v go >/dev/null && [ -x tools/cluster/build.sh ]; then
   bash tools/cluster/build.sh
 elif [ "${CI:-}" = true ]; then
   echo "labfleet: CI=true but Go is missing: the k8s suite cannot run" >&2
+  exit 1
+fi
+
+if command -v podman >/dev/null && command -v mmdebstrap >/dev/null; then
+  echo "==> building (or reusing) the container images"
+  started=$SECONDS
+  .venv/bin/labfleet images build hub services singleuser singleuser-cuda
+  echo "==> images took $((SECONDS - started)) s"
+elif [ "${CI:-}" = true ]; then
+  echo "labfleet: CI=true but podman or mmdebstrap is missing: the images cannot be built" >&2
   exit 1
 fi
 

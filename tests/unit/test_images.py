@@ -333,3 +333,17 @@ def test_cli_dispatches(monkeypatch, capsys):
     assert re.search(r"services\s+localhost/labfleet-services:0\s+5.0 MB\s+built in", out)
     assert cli.main(["images", "build", "nope", "--base", "public"]) == 1
     assert "unknown image 'nope'" in capsys.readouterr().err
+
+
+def test_containerignore_lets_in_the_same_context():
+    """A build from the repository root (podman/docker build -f images/...
+    .) sees what labfleet images build assembles, not .venv or state."""
+    lines = [
+        line.strip()
+        for line in (ROOT / ".containerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    assert allowed == {*images.CONTEXT_PATHS, "images"}
+    assert {"**/__pycache__", "**/node_modules"} <= set(lines)
