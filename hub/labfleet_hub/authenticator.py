@@ -503,13 +503,16 @@ class IAMAuthenticator(GenericOAuthenticator):
 
         JupyterHub's ``refresh_auth`` reads ``handler._token_authenticated``, which
         only a request with a token sets: a browser (cookie) request got an
-        AttributeError, i.e. HTTP 500. The attribute is set to False here. A page
-        of the user's own (spawn, home, token...) then says that the sign-in
-        expired, with a link to log in again, and the hub's login cookie is
-        cleared; the login, logout and callback pages and the REST API get
-        JupyterHub's own handling (the user counts as logged out, or the API
-        answers 403).
+        AttributeError, i.e. HTTP 500 (the spawn's forced refresh) or a logged
+        traceback (the periodic refresh). The attribute is set to False here.
+        A page of the user's own that asked for the refresh itself (the spawn
+        form) then says that the sign-in expired, with a link to log in again,
+        and the hub's login cookie is cleared. The periodic refresh, the login,
+        logout and callback pages and the REST API get JupyterHub's own
+        handling: the user counts as logged out (the page goes to the login),
+        or the API answers 403.
         """
+        self.log.warning("Sign-in of %s expired and cannot be renewed", user.name)
         if not isinstance(handler, BaseHandler):
             return
         if not hasattr(handler, "_token_authenticated"):
@@ -518,12 +521,15 @@ class IAMAuthenticator(GenericOAuthenticator):
             return
         if isinstance(handler, LoginHandler | LogoutHandler | OAuthCallbackHandler | APIHandler):
             return
+        if not hasattr(handler, "parsed_scopes"):
+            # JupyterHub's periodic refresh (auth_refresh_age), run while it identifies
+            # the user (prepare, before the scopes): an exception there is only logged,
+            # False makes the user count as logged out and the page go to the login
+            return
         current = getattr(handler, "_jupyterhub_user", None)
         if current is None or getattr(current, "name", None) != user.name:
             return  # someone else's (an admin's) request: JupyterHub decides
-        self.log.warning(
-            "Sign-in of %s expired and cannot be renewed: asking to log in again", user.name
-        )
+        self.log.info("Asking %s to log in again", user.name)
         # back to the page after the login; a form's POST comes back as its page, without
         # the form's query (a GET /hub/spawn with arguments would spawn with them)
         request = handler.request

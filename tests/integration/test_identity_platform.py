@@ -136,19 +136,25 @@ def test_recreated_account_with_new_sub_is_refused_until_an_admin_rebinds(platfo
 NO_OFFLINE = ["openid", "profile", "email", "wlcg", "wlcg.groups"]
 
 
-@pytest.fixture(scope="module")
-def no_refresh_platform(tmp_path_factory):
+def start_without_refresh_tokens(tmp_path_factory, **iam):
     config_dir = tmp_path_factory.mktemp("norefresh")
     values = write_config(config_dir)
     values["iam"]["scopes"] = NO_OFFLINE
     # the IdP's tokens live 3600 s: no longer than the margin, as in issue 10
     values["iam"]["token_refresh_margin"] = 7200
+    values["iam"].update(iam)
     (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(values))
     running = start_platform(config_dir)
     running.values = values
+    return running
+
+
+@pytest.fixture(scope="module")
+def no_refresh_platform(tmp_path_factory):
+    running = start_without_refresh_tokens(tmp_path_factory)
     yield running
     stop_platform(running.process)
-    shutil.rmtree(values["spawner"]["storage_root"], ignore_errors=True)
+    shutil.rmtree(running.values["spawner"]["storage_root"], ignore_errors=True)
 
 
 def revoke(platform, access_token) -> None:
@@ -221,3 +227,37 @@ def test_without_refresh_token_spawns_work_then_expiry_asks_to_log_in(no_refresh
     wait_for_lab(page)
     assert platform.running_servers("alice") == 1
     stop_server(platform, page, "alice")
+
+
+def test_periodic_refresh_that_fails_goes_to_the_login(tmp_path_factory, browser):
+    # the refresh JupyterHub runs every auth_refresh_age (here 1 s), while it identifies
+    # the user, got the same AttributeError (logged with a traceback); now the user
+    # counts as logged out and the page goes to the login, which comes back
+    platform = start_without_refresh_tokens(tmp_path_factory, auth_refresh_age=1)
+    try:
+        page = browser.new_context().new_page()
+        page.set_default_timeout(60_000)
+        login(page, platform, "bob", "bob-pass")
+        page.wait_for_url(re.compile(r"/hub/"))
+        token = api_token(page, platform)
+        status, body = http("GET", f"{platform.url}/hub/api/labfleet/iam-token/bob", token)
+        assert status == 200, body
+        revoke(platform, yaml.safe_load(body)["access_token"])
+        time.sleep(1.5)
+        page.goto(f"{platform.url}/hub/home")
+        page.wait_for_url(re.compile(r"/hub/login\?next=%2Fhub%2Fhome"))
+        page.get_by_text("Sign in with INDIGO IAM").click()
+        page.wait_for_load_state()
+        if page.locator("#username").count():
+            page.fill("#username", "bob")
+            page.fill("#password", "bob-pass")
+            page.click("#login")
+        page.wait_for_url(re.compile(r"/hub/home"))
+        hub_log = (platform.state_dir / "logs" / "jupyterhub.log").read_text()
+        assert "Sign-in of bob expired and cannot be renewed" in hub_log
+        assert "_token_authenticated" not in hub_log
+        assert "Failed to get current user" not in hub_log
+        page.context.close()
+    finally:
+        stop_platform(platform.process)
+        shutil.rmtree(platform.values["spawner"]["storage_root"], ignore_errors=True)
