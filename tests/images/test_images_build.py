@@ -159,46 +159,96 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_layers_keep_no_host_configuration(built, tmp_path):
-    """The saved images' own layers (above the base) hold neither the host's
-    pip.conf nor its CA bundle (by path or by content), nor anything under
-    /run/secrets where the build mounted them."""
+FORBIDDEN_PATHS = (
+    "etc/pip.conf",
+    "etc/xdg/pip/pip.conf",
+    "root/.config/pip/pip.conf",
+    "root/.npmrc",
+)
+
+
+def host_files() -> dict[tuple[int, str], str]:
+    """(size, sha256) -> path of the host files no layer may hold."""
     host = {}
     for path in (images.HOST_CA, images.HOST_PIP_CONF):
         if Path(path).is_file():
             data = Path(path).read_bytes()
             host[(len(data), _sha(data))] = path
-    assert host, "nothing of the host's to look for"
+    return host
+
+
+def host_files_in_layers(ref: str, workdir: Path) -> tuple[list[str], int]:
+    """What the image's own layers (above the base) hold of the host's
+    configuration: its pip.conf and CA bundle by path or by content, files
+    under /run/secrets where the build mounted them. (findings, files seen)"""
+    host = host_files()
     base_layers = len(config(images.base_tag())["RootFS"]["Layers"])
     base_ca = run_in(images.base_tag(), f"sha256sum {images.HOST_CA} || true").split()[:1]
-    forbidden = ("etc/pip.conf", "etc/xdg/pip/pip.conf", "root/.config/pip/pip.conf", "root/.npmrc")
-    for name in ("hub", "services", "singleuser"):
-        archive = images.save_archive(built[name], tmp_path / f"{name}.tar")
+    archive = images.save_archive(ref, workdir / "image.tar")
+    found: list[str] = []
+    checked = 0
+    try:
         layers, tar = _layer_digests(archive)
-        added = layers[base_layers:]
-        assert added, name
-        checked = 0
-        for layer in added:
-            with tarfile.open(fileobj=tar.extractfile(layer)) as inner:
-                for member in inner:
-                    path = member.name.lstrip("./")
-                    assert path not in forbidden, (name, path)
-                    if path.startswith("run/secrets/"):
-                        assert not member.isfile(), (name, path)
-                    if not member.isfile():
-                        continue
-                    checked += 1
-                    if any(size == member.size for size, _ in host):
+        with tar:
+            assert layers[base_layers:], ref
+            for layer in layers[base_layers:]:
+                with tarfile.open(fileobj=tar.extractfile(layer)) as inner:
+                    for member in inner:
+                        path = member.name.lstrip("./")
+                        if path in FORBIDDEN_PATHS:
+                            found.append(path)
+                        if not member.isfile():
+                            continue
+                        checked += 1
+                        if path.startswith("run/secrets/"):
+                            found.append(path)
+                        if not any(size == member.size for size, _ in host):
+                            continue
                         digest = _sha(inner.extractfile(member).read())
                         origin = host.get((member.size, digest))
                         if origin == images.HOST_CA and path == images.HOST_CA.lstrip("/"):
                             # the image's own bundle, as its base's ca-certificates made it
-                            assert base_ca == [digest], (name, path)
-                        else:
-                            assert origin is None, f"{name}: {path} is the host's {origin}"
-        assert checked > 100, (name, checked)
-        tar.close()
-        archive.unlink()
+                            if base_ca != [digest]:
+                                found.append(f"{path} (the host's CA bundle)")
+                        elif origin:
+                            found.append(f"{path} (the host's {origin})")
+    finally:
+        archive.unlink(missing_ok=True)
+    return found, checked
+
+
+@pytest.mark.parametrize("name", ["hub", "services", "singleuser"])
+def test_layers_keep_no_host_configuration(built, tmp_path, name):
+    """The saved image's own layers hold neither the host's pip.conf nor its
+    CA bundle (by path or by content), nor anything under /run/secrets."""
+    assert host_files(), "nothing of the host's to look for"
+    found, checked = host_files_in_layers(built[name], tmp_path)
+    assert not found, f"{name}: {found}"
+    assert checked > 100, (name, checked)
+
+
+def test_the_layer_check_finds_a_leak(built, tmp_path):
+    """The check above on an image that does copy the host's files in."""
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy(images.HOST_CA, context / "bundle.pem")
+    if Path(images.HOST_PIP_CONF).is_file():
+        shutil.copy(images.HOST_PIP_CONF, context / "pip.conf")
+    else:
+        (context / "pip.conf").write_text("[global]\n")
+    (context / "Containerfile").write_text(
+        f"FROM {images.base_tag()}\n"
+        "COPY pip.conf /etc/pip.conf\n"
+        "COPY bundle.pem /usr/local/share/leak/bundle.pem\n"
+    )
+    ref = f"localhost/labfleet-leak-test:{os.getpid()}"
+    podman("build", "--pull=never", "-t", ref, str(context))
+    try:
+        found, _ = host_files_in_layers(ref, tmp_path)
+    finally:
+        podman("rmi", "-f", ref, check=False)
+    assert "etc/pip.conf" in found
+    assert any(f.startswith("usr/local/share/leak/bundle.pem (the host's") for f in found), found
 
 
 def test_second_build_is_cached(built):
