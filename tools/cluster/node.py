@@ -505,24 +505,40 @@ def stop(state_dir: Path, kubectl, stop_groups, progress: Progress) -> None:
         except (NodeError, subprocess.TimeoutExpired) as e:
             progress(f"real node: containerd task clean-up: {e}")
     stop_groups(["containerd"])
+    # the bridge, the chains, the cgroup root and the sysctls are the machine's: leave
+    # them to a newer owner if this node lost the lock (its holder killed by hand)
+    owner = OWNER_FILE.read_text().strip() if OWNER_FILE.exists() else ""
+    mine = owner in ("", str(state_dir.resolve()))
+    if not mine:
+        progress(f"real node: {owner} owns the machine now; removing only this node's own")
     try:
-        sweep(state_dir, progress)
+        sweep(state_dir, progress, machine_wide=mine)
     finally:
         stop_groups(["real-node-lock"])
-        if OWNER_FILE.exists() and OWNER_FILE.read_text().strip() == str(state_dir.resolve()):
-            OWNER_FILE.unlink()
-    left = leftovers(state_dir)
+        if owner and mine:
+            OWNER_FILE.unlink(missing_ok=True)
+    left = leftovers(state_dir, machine_wide=mine)
     if left:
         raise NodeError(f"real node left behind: {left}")
     progress(f"real node stopped and cleaned up ({time.monotonic() - t0:.1f}s)")
 
 
-def sweep(state_dir: Path, progress: Progress) -> None:
-    """Remove whatever a real node with this state dir made (idempotent)."""
+def sweep(state_dir: Path, progress: Progress, machine_wide: bool = True) -> None:
+    """Remove whatever a real node with this state dir made (idempotent).
+
+    ``machine_wide=False``: only its processes and mounts, not the bridge, the
+    KUBE-* chains, the cgroup root or the sysctls (only the lock's owner may)."""
     rn = node_dir(state_dir)
     sock = rn / "containerd.sock"
-    # shims of this node and the containers under them
-    victims = _descendants(_shims(sock))
+    # this node's daemons if still there (an owner killed without its tear-down:
+    # their command lines name its state dir), its shims and their containers
+    mark = str(rn) + "/"
+    own = [
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit() and int(e) != os.getpid() and any(mark in a for a in _cmdline(int(e)))
+    ]
+    victims = _descendants(_shims(sock) + own)
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -537,6 +553,11 @@ def sweep(state_dir: Path, progress: Progress) -> None:
     for target in sorted(_mounts_under(rn), key=len, reverse=True):
         if _run("umount", target, check=False).returncode != 0:
             _run("umount", "-l", target, check=False)
+    if machine_wide:
+        _sweep_machine(rn, progress)
+
+
+def _sweep_machine(rn: Path, progress: Progress) -> None:
     # pod veths, the bridge (its address, route and forwarding sysctl go with it)
     for port in _bridge_ports():
         _run("ip", "link", "del", port, check=False)
@@ -617,8 +638,9 @@ def _unquote(args: list[str]) -> list[str]:
     return out
 
 
-def leftovers(state_dir: Path) -> dict[str, object]:
-    """What of a real node is still on the machine (empty when clean)."""
+def leftovers(state_dir: Path, machine_wide: bool = True) -> dict[str, object]:
+    """What of a real node is still on the machine (empty when clean); with
+    ``machine_wide=False`` only its processes, mounts and netns."""
     rn = node_dir(Path(state_dir))
     left: dict[str, object] = {}
     procs = _descendants(_shims(rn / "containerd.sock"))
@@ -638,6 +660,8 @@ def leftovers(state_dir: Path) -> dict[str, object]:
     ]
     if netns:
         left["netns"] = netns
+    if not machine_wide:
+        return left
     if _link_exists(BRIDGE):
         left["bridge"] = BRIDGE
     veths = [
