@@ -24,6 +24,8 @@ Python API for the cluster code: :func:`ensure_base_image`,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -95,6 +97,20 @@ def podman() -> str:
     if not path:
         raise ImageError("podman is not installed (tools/bootstrap.sh installs it as root)")
     return path
+
+
+@contextlib.contextmanager
+def _locked(name: str):
+    """An exclusive lock in :func:`cache_dir` (two builders of the same thing
+    on one machine wait for each other instead of racing)."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -213,6 +229,14 @@ def ensure_base_image(progress: Progress = None) -> str:
     if image_exists(ref):
         _say(progress, f"base {ref}: cached")
         return ref
+    with _locked("base"):
+        if image_exists(ref):  # made meanwhile by another builder
+            return ref
+        _make_base_image(ref, progress)
+    return ref
+
+
+def _make_base_image(ref: str, progress: Progress) -> None:
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"{ref.rsplit(':', 1)[1]}.tar"
@@ -262,7 +286,6 @@ def ensure_base_image(progress: Progress = None) -> str:
         raise ImageError(f"podman import failed:\n{_tail(proc.stderr + proc.stdout)}")
     _say(progress, f"base {ref}: imported in {time.monotonic() - started:.0f} s "
                    f"({human_size(image_size(ref))})")  # fmt: skip
-    return ref
 
 
 # -- builds ---------------------------------------------------------------------------------
@@ -331,11 +354,23 @@ def build_image(
     if name not in NAMES:
         raise ImageError(f"unknown image {name!r} (known: {', '.join(NAMES)})")
     args = build_args_for(name, base, local_base)
-    base_id = (image_id(base) or base) if base else "containerfile-default"
+    local_id = image_id(base) if base else None
+    base_id = local_id or base or "containerfile-default"
     ref = image_tag(name, content_hash(root, name, base_id, args))
-    if image_exists(ref):
-        _say(progress, f"{name}: cached {ref} ({human_size(image_size(ref))})")
-        return ref, True
+    with _locked(f"build-{name}"):  # a second builder finds it cached
+        if image_exists(ref):
+            _say(progress, f"{name}: cached {ref} ({human_size(image_size(ref))})")
+            return ref, True
+        _podman_build(name, ref, args, pull="never" if local_id else "missing", root=root,
+                      progress=progress)  # fmt: skip
+    return ref, False
+
+
+def _podman_build(
+    name: str, ref: str, args: dict[str, str], *, pull: str, root: Path, progress: Progress
+) -> None:
+    """``podman build`` of image ``name`` as ``ref``; its output in the log file,
+    its STEP lines as progress."""
     logs = cache_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name}.log"
@@ -352,7 +387,7 @@ def build_image(
             "--layers",
             "--format=docker",  # keeps HEALTHCHECK (the OCI image format has none)
             "--network=host",
-            "--pull=never" if base else "--pull=missing",
+            f"--pull={pull}",
             "-f",
             str(context / "images" / name / "Containerfile"),
             "-t",
@@ -389,7 +424,6 @@ def build_image(
     size = image_size(ref)
     _say(progress, f"{name}: built {ref} in {time.monotonic() - started:.0f} s "
                    f"({human_size(size)})")  # fmt: skip
-    return ref, False
 
 
 def remove_older(name: str, keep: str) -> list[str]:

@@ -221,7 +221,7 @@ FAKE = """#!/bin/sh
 echo "$(basename "$0") $*" >> "$FAKE_LOG"
 case "$(basename "$0") $1 $2" in
   "podman image exists") [ -e "$FAKE_STATE/exists-$(echo "$3" | tr '/:' '__')" ]; exit $? ;;
-  "podman image inspect") echo 123000000; exit 0 ;;
+  "podman image inspect") case "$5" in docker.io/*) exit 125 ;; esac; echo 123000000 ;;
   "podman import"*) for a; do last=$a; done
     touch "$FAKE_STATE/exists-$(echo "$last" | tr '/:' '__')" ;;
   "podman images"*) for r in $FAKE_IMAGES; do echo "$r"; done ;;
@@ -307,6 +307,19 @@ def test_build_command_and_cache(fake_tools, tmp_path, monkeypatch):
     assert images.build_images(["services"], progress=said.append) == refs
     assert " build " not in fake_tools.read_text()
     assert said[-1].startswith(f"services: cached {ref}")
+
+
+def test_a_base_not_here_is_pulled(fake_tools):
+    ref, cached = images.build_image("hub", "docker.io/library/python:3.11-slim-bookworm")
+    assert not cached
+    build = next(line for line in fake_tools.read_text().splitlines() if " build " in line)
+    assert "--pull=missing" in build
+    assert "--build-arg BASE=docker.io/library/python:3.11-slim-bookworm" in build
+    # public defaults: no BASE argument at all
+    fake_tools.write_text("")
+    images.build_image("services", None)
+    build = next(line for line in fake_tools.read_text().splitlines() if " build " in line)
+    assert "--pull=missing" in build and "BASE=" not in build
 
 
 def test_save_archive(fake_tools, tmp_path):
