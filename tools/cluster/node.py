@@ -553,8 +553,24 @@ def sweep(state_dir: Path, progress: Progress, machine_wide: bool = True) -> Non
     for target in sorted(_mounts_under(rn), key=len, reverse=True):
         if _run("umount", target, check=False).returncode != 0:
             _run("umount", "-l", target, check=False)
+    for link in _log_links(rn):
+        link.unlink(missing_ok=True)
     if machine_wide:
         _sweep_machine(rn, progress)
+
+
+def _log_links(rn: Path) -> list[Path]:
+    d = Path("/var/log/containers")
+    if not d.is_dir():
+        return []
+    return [p for p in d.iterdir() if p.is_symlink() and os.readlink(p).startswith(f"{rn}/")]
+
+
+def _host_files() -> list[Path]:
+    """Files kubelet and containerd's CNI make at fixed paths (not under their roots)."""
+    files = list(Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"))
+    sock = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
+    return files + ([sock] if sock.exists() or sock.is_symlink() else [])
 
 
 def _sweep_machine(rn: Path, progress: Progress) -> None:
@@ -576,8 +592,9 @@ def _sweep_machine(rn: Path, progress: Progress) -> None:
             for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                 _rmdir(d)
             _rmdir(top)
-    # CNI results cached by containerd's CNI library (named after the network)
-    for f in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):
+    # files at fixed host paths: CNI results cached by containerd's CNI library
+    # (named after the network) and kubelet's device-plugin socket
+    for f in _host_files():
         f.unlink(missing_ok=True)
     # kernel tunables kubelet changed
     before_file = rn / "sysctl-before.json"
@@ -653,6 +670,9 @@ def leftovers(state_dir: Path, machine_wide: bool = True) -> dict[str, object]:
         left["processes"] = sorted(set(procs))
     if m := _mounts_under(rn):
         left["mounts"] = m
+    # kubelet links every container's log into /var/log/containers, whatever its root dir
+    if links := _log_links(rn):
+        left["log_links"] = [str(p) for p in links]
     netns = [
         ln.split()[1]
         for ln in Path("/proc/mounts").read_text().splitlines()
@@ -662,6 +682,8 @@ def leftovers(state_dir: Path, machine_wide: bool = True) -> dict[str, object]:
         left["netns"] = netns
     if not machine_wide:
         return left
+    if files := _host_files():
+        left["host_files"] = [str(f) for f in files]
     if _link_exists(BRIDGE):
         left["bridge"] = BRIDGE
     veths = [
