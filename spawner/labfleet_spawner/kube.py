@@ -559,6 +559,8 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
                 raise
 
     async def _make_create_pod_request(self, pod, request_timeout):
+        # KubeSpawner 7.1's own step (private; tests/k8s/test_notebook_token_secret.py
+        # breaks if a new KubeSpawner stops calling it, since the pod would then wait).
         # The Secret first: a container whose secretKeyRef is missing cannot start.
         # Every attempt, since a conflicting old pod is stopped (Secret included) between.
         await self._put_env_secret()
