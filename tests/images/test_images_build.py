@@ -303,10 +303,14 @@ def test_the_layer_check_finds_a_leak(built, tmp_path):
 
 
 def test_second_build_is_cached(built):
+    """Nothing changed: every image is a lookup, in seconds. (A first call
+    catches up with edits made to the working tree since the fixture built.)"""
+    first = images.build_images(images.NAMES)
     said: list[str] = []
     started = time.monotonic()
     again = images.build_images(images.NAMES, progress=said.append)
     elapsed = time.monotonic() - started
-    assert again == built
-    assert [m for m in said if "cached" in m] and not [m for m in said if "building" in m]
+    assert again == first
+    assert len([m for m in said if "cached" in m]) == len(images.NAMES) + 1  # and the base
+    assert not [m for m in said if "building" in m or "mmdebstrap" in m]
     assert elapsed < 30, f"a cached build took {elapsed:.0f} s"
