@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -276,6 +277,67 @@ def test_pod_cannot_reach_off_the_machine(k8s_cluster, k8s_real_node, k8s_namesp
         next((node_lib.node_dir(k8s_cluster.state_dir) / "cni" / "net.d").glob("*")).read_text()
     )["plugins"][0]
     assert (bridge_cfg["isGateway"], bridge_cfg["ipMasq"]) == (False, False)
+
+
+def _mangle_drop_packets() -> int:
+    out = subprocess.run(
+        ["iptables", "-w", "-t", "mangle", "-L", "FORWARD", "1", "-v", "-x", "-n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split()[0])
+
+
+def test_bridge_drops_what_a_pod_routes_elsewhere(k8s_cluster, k8s_real_node, k8s_namespace):
+    """Even a pod that has a route off the bridge gets nothing through: the drop rule.
+
+    The pod's network namespace gets a route to TEST-NET-2 via the node (from the host,
+    with nsenter; pods themselves cannot add routes).  On the host that range goes to
+    a sink made for this test: one end of a veth pair whose other end is down, which
+    discards whatever it is given (this kernel has no dummy interfaces), so nothing
+    could leave the machine even if the rule were missing; the test then checks that
+    the rule counted the packets and the sink saw none (not even an ARP request)."""
+    k8s_cluster.apply(real_pod("router", node_lib.PAUSE_IMAGE), "-n", k8s_namespace)
+    p = wait_phase(k8s_cluster, k8s_namespace, "router", ("Running",))
+    cid = p["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    tasks = node_lib.ctr(k8s_cluster.state_dir, "tasks", "ls").stdout.splitlines()
+    pid = next(line.split()[1] for line in tasks if line.startswith(cid))
+    sink = "lfrnsink0"
+    subprocess.run(
+        ["ip", "link", "add", sink, "type", "veth", "peer", "name", "lfrnsink1"], check=True
+    )
+
+    def sink_tx() -> int:
+        stats = Path(f"/sys/class/net/{sink}/statistics")
+        return sum(int((stats / f).read_text()) for f in ("tx_packets", "tx_dropped"))
+
+    try:
+        subprocess.run(["ip", "link", "set", sink, "up"], check=True)
+        subprocess.run(["ip", "route", "add", "198.51.100.0/24", "dev", sink], check=True)
+        in_pod = ["nsenter", "-t", pid, "-n"]
+        subprocess.run(
+            [*in_pod, "ip", "route", "add", "198.51.100.0/24", "via", node_lib.NODE_IP],
+            check=True,
+        )
+        dropped = _mangle_drop_packets()
+        sent = sink_tx()
+        probe = (
+            "import socket\n"
+            "s = socket.socket(); s.settimeout(2)\n"
+            "try:\n"
+            f"    s.connect(('{OFF_MACHINE}', 80)); print('CONNECTED')\n"
+            "except OSError as e:\n"
+            "    print(type(e).__name__)\n"
+        )
+        out = subprocess.run(
+            [*in_pod, sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
+        )
+        assert out.stdout.strip() == "TimeoutError", out  # dropped silently, not refused
+        assert _mangle_drop_packets() > dropped  # the SYN and its retries hit the rule
+        assert sink_tx() == sent
+    finally:
+        subprocess.run(["ip", "link", "del", sink], check=False)
 
 
 # -- tear-down (last: it restarts the node) --------------------------------------------------
