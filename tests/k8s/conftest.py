@@ -116,6 +116,41 @@ def k8s_real_node(k8s_cluster) -> dict:
     return k8s_cluster.real_node
 
 
+@pytest.fixture(scope="session")
+def k8s_real_images(k8s_cluster, k8s_real_node, pytestconfig: pytest.Config):
+    """``image(name) -> ref``: labfleet's own image ``name`` (``"base"`` or one of
+    :data:`labfleet_hub.images.NAMES`), built (or reused: images are cached by
+    content) and imported into the real node's containerd once per session.
+    Pods use the ref with ``imagePullPolicy: Never``."""
+    from labfleet_hub import images
+
+    node_lib = clusterlib.node_lib
+    imported: dict[str, str] = {}
+
+    def image(name: str) -> str:
+        if name in imported:
+            return imported[name]
+        with _live_output(pytestconfig):
+            try:
+                if name == "base":
+                    ref = images.ensure_base_image(progress=print)
+                else:
+                    ref = images.build_images([name], progress=print)[name]
+                archive = images.save_archive(
+                    ref, node_lib.node_dir(k8s_cluster.state_dir) / "images" / f"{name}.tar"
+                )
+            except (images.ImageError, OSError) as e:
+                _unavailable(f"image {name!r} cannot be built: {e}")
+            node_lib.import_image(k8s_cluster.state_dir, archive)
+        archive.unlink(missing_ok=True)  # containerd holds it now
+        listed = node_lib.ctr(k8s_cluster.state_dir, "images", "ls", "-q").stdout.split()
+        assert ref in listed, (ref, listed)
+        imported[name] = ref
+        return ref
+
+    return image
+
+
 @pytest.fixture
 def k8s_namespace(k8s_cluster) -> Iterator[str]:
     """A fresh namespace, deleted (without waiting) after the test."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -28,30 +27,10 @@ node_lib = clusterlib.node_lib
 OFF_MACHINE = "198.51.100.1"
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"needed in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def base_image(k8s_cluster, k8s_real_node) -> str:
+def base_image(k8s_real_images) -> str:
     """The local Debian base image (labfleet_hub.images), imported into the node."""
-    try:
-        from labfleet_hub import images
-    except ImportError as e:  # pragma: no cover - the package ships it
-        _unavailable(f"labfleet_hub.images unavailable: {e}")
-    try:
-        ref = images.ensure_base_image()
-        archive = images.save_archive(
-            ref, node_lib.node_dir(k8s_cluster.state_dir) / "images" / "base.tar"
-        )
-    except (images.ImageError, OSError) as e:
-        _unavailable(f"no base image: {e}")
-    node_lib.import_image(k8s_cluster.state_dir, archive)
-    listed = node_lib.ctr(k8s_cluster.state_dir, "images", "ls", "-q").stdout.split()
-    assert ref in listed, (ref, listed)
-    return ref
+    return k8s_real_images("base")
 
 
 def real_pod(name: str, image: str, command: list[str] | None = None, **spec) -> dict:
