@@ -115,6 +115,15 @@ class AccountingApp(AuthCacheConfig, Application):
         help="""Prefix of the groups' Kueue ClusterQueues (<prefix><group>), as in the
         batch queue configuration's name_prefix (labfleet_batch.queues).""",
     )
+    batch_limits_url = Unicode(
+        "",
+        config=True,
+        help="""Single node: the batch service's URL (e.g.
+        http://127.0.0.1:8000/services/batch/). The quota API and page then manage the
+        local batch backend's group limits through its api/limits/<group>, with this
+        service's hub API token (which needs access:services!service=batch); caps and
+        the audit log stay here, as in Kubernetes mode. Empty: no local quotas.""",
+    )
     budget_limits_cpu = Bool(
         False, config=True, help="Also refuse CPU-only sessions of a group over its GPU budget."
     )
@@ -235,6 +244,11 @@ class ServeApp(AccountingApp):
             quotas = QuotaManager(KubeAPI(api), engine, names.cluster_queue)
         # a short cache for reads, none for changes (labfleet_hub.hubauth)
         hub_auth = self.make_hub_auth()
+        if quotas is None and self.batch_limits_url:
+            from .local_quotas import BatchLimits, LocalQuotaManager
+
+            limits = BatchLimits(self.batch_limits_url, hub_auth.api_token)
+            quotas = LocalQuotaManager(limits, engine)
         services = self.hub_services or [os.environ.get("JUPYTERHUB_SERVICE_NAME", "")]
         context = Context(
             engine, weights, self.admin_group_pattern, dict(self.group_admins),

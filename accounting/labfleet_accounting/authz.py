@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from labfleet_hub.groupadmin import administered_groups, may_change_caps, may_change_quotas
+
 from .reports import Filter
 
 
@@ -41,16 +43,9 @@ class Identity:
         """From a hub user model (``name``, ``admin``, ``groups``) as HubAuth returns it."""
         name = model.get("name", "")
         groups = frozenset(model.get("groups") or ())
-        administers = set()
-        # Membership of "<group>-admins" is enough; membership of "<group>" is not required.
-        prefix, _, suffix = admin_group_pattern.partition("{group}")
-        for g in groups:
-            if g.startswith(prefix) and g.endswith(suffix) and len(g) > len(prefix) + len(suffix):
-                administers.add(g[len(prefix) : len(g) - len(suffix)])
-        for group, users in (group_admins or {}).items():
-            if name in set(users):
-                administers.add(group)
-        return cls(name, bool(model.get("admin")), groups, frozenset(administers))
+        # the one rule of labfleet_hub.groupadmin: "<group>-admins" is enough
+        administers = administered_groups(name, groups, admin_group_pattern, group_admins)
+        return cls(name, bool(model.get("admin")), groups, administers)
 
 
 def scope_for(identity: Identity, user: str | None, group: str | None) -> Filter:
@@ -81,4 +76,9 @@ def _allowed(identity: Identity) -> str:
 
 
 def may_manage_group(identity: Identity, group: str) -> bool:
-    return identity.admin or group in identity.administers
+    """May change ``group``'s quotas (within the caps): :mod:`labfleet_hub.groupadmin`."""
+    return may_change_quotas(identity.admin, identity.administers, group)
+
+
+def may_set_caps(identity: Identity) -> bool:
+    return may_change_caps(identity.admin)

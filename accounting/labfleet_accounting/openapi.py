@@ -42,11 +42,13 @@ AUTH_ERRORS = {
     "413": _error("the request body is over the service's limit (1 MiB)"),
 }  # fmt: skip
 QUOTA_ERRORS = {
-    "400": _error("the body is not what the message says it must be"),
+    "400": _error("malformed, an unknown entry (accelerator), negative or above the cap: "
+                  "the message names the field (quotas[i].nominalQuota)"),
     "403": _error("not an admin of the group (caps: not a platform admin)"),
-    "404": _error("no quotas without Kubernetes"),
+    "404": _error("no quota management here (neither Kubernetes nor the local batch service), "
+                  "or the group has no queue"),
     "413": AUTH_ERRORS["413"],
-}
+}  # fmt: skip
 
 DOCUMENT: dict = {
     "openapi": "3.0.3",
@@ -161,7 +163,8 @@ DOCUMENT: dict = {
         },
         "/api/quotas/{group}": {
             "parameters": [GROUP],
-            "get": {"summary": "a group's Kueue quotas",
+            "get": {"summary": "a group's quotas (Kueue ClusterQueue, or the single node's "
+                               "local batch limits)",
                     "responses": {"200": _object("the quotas"), **QUOTA_ERRORS}},
             "put": {
                 "summary": "change a group's quotas (group admins, within the caps)",

@@ -9,31 +9,43 @@ Who may do what:
 | ``GET api/quota-caps/<g>`` | yes | yes | 403 |
 | ``PUT api/quota-caps/<g>`` | yes | 403 | 403 |
 | ``GET api/audit?group=<g>`` | yes (also without ``group``) | yes | 403 |
-| ``GET/POST quotas?group=<g>`` | yes | yes | 403 |
+| ``GET quotas?group=<g>`` (page) | yes | yes | members: read only; others 403 |
+| ``POST quotas?group=<g>`` | yes (within caps) | yes (within caps) | 403 |
+
+The same in both modes: the manager is a :class:`.quotas.QuotaManager`
+(Kubernetes: ClusterQueues) or a :class:`.local_quotas.LocalQuotaManager`
+(single node: the batch service's local limits). Who may change what is
+:mod:`labfleet_hub.groupadmin`'s rule; a malformed value, an unknown entry or
+one above its cap is a 400 naming the field.
 """
 
 from __future__ import annotations
 
-import html
 import json
 
+from labfleet_hub.service_page import HubNav
 from tornado import web
 
-from .authz import may_manage_group
-from .quotas import Cap, Change, OverCap, QuotaError, parse_changes
+from .authz import may_manage_group, may_set_caps
+from .quota_page import render_quota_page
+from .quotas import Cap, Change, QuotaError, parse_changes
 from .service import BaseHandler
 
 
 class QuotaBase(BaseHandler):
     def manager(self):
         if self.ctx.quotas is None:
-            self.fail(404, "quota management needs the Kubernetes mode (Kueue ClusterQueues)")
+            self.fail(
+                404,
+                "quota management needs the Kubernetes mode (Kueue ClusterQueues) or, on a "
+                "single node, the batch service (AccountingApp.batch_limits_url)",
+            )
             return None
         return self.ctx.quotas
 
     def allowed(self, group: str, platform_only: bool = False) -> bool:
         identity = self.identity()
-        ok = identity.admin if platform_only else may_manage_group(identity, group)
+        ok = may_set_caps(identity) if platform_only else may_manage_group(identity, group)
         if not ok:
             who = "platform admins" if platform_only else f"admins of group {group!r}"
             self.fail(403, f"only {who} may do this")
@@ -43,16 +55,16 @@ class QuotaBase(BaseHandler):
         """Run a manager call; Kubernetes and validation errors become answers."""
         try:
             return await coro
-        except QuotaError as e:
+        except QuotaError as e:  # also above a cap (OverCap): the same 400 in both modes
             self.fail(400, str(e))
-        except OverCap as e:
-            self.fail(403, str(e))
         except Exception as e:
             status = getattr(e, "status", None)
+            local = getattr(self.ctx.quotas, "mode", "") == "local"
             if status == 404:
-                self.fail(404, "this group has no ClusterQueue")
+                self.fail(404, f"this group has no {'batch queue' if local else 'ClusterQueue'}")
             elif status is not None:
-                self.fail(502, f"the Kubernetes API refused the change: {e}")
+                api = "the batch service" if local else "the Kubernetes API"
+                self.fail(502, f"{api} refused the change: {e}")
             else:
                 raise
         return None
@@ -128,57 +140,38 @@ class AuditHandler(QuotaBase):
         self.finish({"entries": await self.db(manager.audit, group)})
 
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{group} quotas</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px}}</style></head><body>
-<h1>Batch quotas of {group}</h1><p>ClusterQueue {cq}. {message}</p>
-<form method="post"><input type="hidden" name="_xsrf" value="{xsrf}">
-<table id="quotas"><tr><th>flavor</th><th>resource</th><th>nominal</th><th>cap</th>
-<th>borrowing limit</th><th>cap</th></tr>{rows}</table>
-<button type="submit">Save</button></form>
-<h2>Changes</h2><table id="audit"><tr><th>when (UTC)</th><th>who</th><th>what</th></tr>{audit}
-</table></body></html>"""
-
-
 class QuotaPageHandler(QuotaBase):
-    """A form over the API: one row per capped flavor/resource; no scripts."""
+    """A form over the API, in the hub's layout: editable for group and platform admins,
+    read only for the group's other members; no scripts."""
+
+    def may_view(self, group: str) -> bool:
+        identity = self.identity()
+        if may_manage_group(identity, group) or group in identity.groups:
+            return True
+        self.fail(403, f"only members and admins of group {group!r} see its quotas")
+        return False
 
     async def render_page(self, group: str, message: str = ""):
-        import time as _time
-
         manager = self.ctx.quotas
         state = await self.kube_call(manager.get(group))
         if state is None:
             return
-        rows = []
-        for i, q in enumerate(state["quotas"]):
-            cap = q["cap"]
-            disabled = "" if cap else " disabled"
-            rows.append(
-                f"<tr><td>{html.escape(q['flavor'])}</td><td>{html.escape(q['resource'])}</td>"
-                f'<td><input name="nominal-{i}" value="{html.escape(q["nominalQuota"])}"'
-                f"{disabled}></td><td>{html.escape(cap['max_nominal']) if cap else '-'}</td>"
-                f'<td><input name="borrowing-{i}" '
-                f'value="{html.escape(q.get("borrowingLimit", ""))}"{disabled}></td>'
-                f"<td>{html.escape(cap['max_borrowing']) if cap else '-'}</td></tr>"
-            )
-        audit = []
-        for entry in await self.db(manager.audit, group, 20):
-            when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(entry["at"]))
-            audit.append(
-                f"<tr><td>{when}</td><td>{html.escape(entry['actor'])}</td>"
-                f"<td>{html.escape(entry['action'])}</td></tr>"
-            )
+        audit = await self.db(manager.audit, group, 20)
+        nav = self.ctx.nav or HubNav.from_hub_auth(self.hub_auth)
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(PAGE.format(
-            group=html.escape(group), cq=html.escape(state["cluster_queue"]),
-            message=html.escape(message), xsrf=html.escape(self.xsrf_token.decode()),
-            rows="".join(rows), audit="".join(audit),
-        ))  # fmt: skip
+        self.finish(
+            render_quota_page(
+                nav, self.current_user, state, audit,
+                editable=may_manage_group(self.identity(), group),
+                local=getattr(manager, "mode", "") == "local",
+                xsrf=self.xsrf_token.decode(), message=message,
+            )
+        )  # fmt: skip
 
     @web.authenticated
     async def get(self):
         group = self.get_argument("group", "")
-        if self.manager() and self.allowed(group):
+        if self.manager() and self.may_view(group):
             await self.render_page(group)
 
     @web.authenticated

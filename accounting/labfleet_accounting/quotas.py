@@ -46,8 +46,9 @@ class QuotaError(ValueError):
     """A malformed request (HTTP 400)."""
 
 
-class OverCap(PermissionError):
-    """Within the request's rights but above the platform admin's cap (HTTP 403)."""
+class OverCap(QuotaError):
+    """Above the platform admin's cap, or on an entry without one (HTTP 400, naming the
+    field: the same validation in both modes)."""
 
 
 def quantity(value) -> Decimal:
@@ -110,13 +111,18 @@ def parse_changes(body) -> list[Change]:
         if key in seen:
             raise QuotaError(f"quotas[{i}]: {key[0]}/{key[1]} appears twice")
         seen.add(key)
-        try:
-            nominal = _qty_text(item["nominalQuota"]) if "nominalQuota" in item else None
-            borrowing = item.get("borrowingLimit")
-            if borrowing is not None:
-                borrowing = _qty_text(borrowing)
-        except QuotaError as e:
-            raise QuotaError(f"quotas[{i}]: {e}") from None
+        nominal = borrowing = None
+        for name in ("nominalQuota", "borrowingLimit"):
+            if item.get(name) is None:
+                continue
+            try:
+                text = _qty_text(item[name])
+            except QuotaError as e:
+                raise QuotaError(f"quotas[{i}].{name}: {e}") from None
+            if name == "nominalQuota":
+                nominal = text
+            else:
+                borrowing = text
         changes.append(Change(key[0], key[1], nominal, borrowing))
     if not changes:
         raise QuotaError("quotas is empty: nothing to change")
@@ -125,22 +131,28 @@ def parse_changes(body) -> list[Change]:
 
 def check_caps(group: str, changes: Iterable[Change], caps: Mapping[tuple[str, str], Cap]):
     """Raise :class:`OverCap` unless every change is capped and within its cap."""
-    for ch in changes:
+    for i, ch in enumerate(changes):
         cap = caps.get((ch.flavor, ch.resource))
         if cap is None:
             raise OverCap(
-                f"group {group!r} has no cap for {ch.resource} on flavor {ch.flavor!r}; "
-                "a platform admin must set one first"
+                f"quotas[{i}]: group {group!r} has no cap for {ch.resource} on flavor "
+                f"{ch.flavor!r}; a platform admin must set one first"
             )
         if ch.nominal is not None and quantity(ch.nominal) > quantity(cap.max_nominal):
             raise OverCap(
-                f"nominalQuota {ch.nominal} of {ch.resource} on {ch.flavor!r} exceeds the cap "
-                f"{cap.max_nominal} set by the platform admin"
+                f"quotas[{i}].nominalQuota: {ch.nominal} of {ch.resource} on {ch.flavor!r} "
+                f"exceeds the cap {cap.max_nominal} set by the platform admin"
+            )
+        if ch.resource == "jobs" and ch.nominal is not None and quantity(ch.nominal) == 0:
+            # a single node's running jobs: 0 means no limit, which no cap allows
+            raise OverCap(
+                f"quotas[{i}].nominalQuota: 0 jobs means no limit on {ch.flavor!r}, above "
+                f"the cap {cap.max_nominal} set by the platform admin"
             )
         if ch.borrowing is not None and quantity(ch.borrowing) > quantity(cap.max_borrowing):
             raise OverCap(
-                f"borrowingLimit {ch.borrowing} of {ch.resource} on {ch.flavor!r} exceeds the "
-                f"cap {cap.max_borrowing} set by the platform admin"
+                f"quotas[{i}].borrowingLimit: {ch.borrowing} of {ch.resource} on "
+                f"{ch.flavor!r} exceeds the cap {cap.max_borrowing} set by the platform admin"
             )
 
 
@@ -188,6 +200,8 @@ class QuotaManager:
     errors (:class:`labfleet_batch.kube.KubeAPI`). ``cluster_queue`` maps a
     group to its ClusterQueue name.
     """
+
+    mode = "kubernetes"
 
     def __init__(self, kube, engine: Engine, cluster_queue=lambda g: f"labfleet-{g}",
                  clock=time.time, retries: int = 3):  # fmt: skip
@@ -241,7 +255,8 @@ class QuotaManager:
         for q in quotas:
             cap = caps.get((q["flavor"], q["resource"]))
             q["cap"] = cap.as_dict() if cap else None
-        return {"group": group, "cluster_queue": cq["metadata"]["name"], "quotas": quotas}
+        return {"group": group, "cluster_queue": cq["metadata"]["name"], "quotas": quotas,
+                "where": f"Kueue ClusterQueue {cq['metadata']['name']}"}  # fmt: skip
 
     async def set(self, actor: str, group: str, changes: list[Change]) -> dict:
         """Check caps, patch the ClusterQueue in place, audit. Returns ``get``'s answer."""

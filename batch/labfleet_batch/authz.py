@@ -3,10 +3,11 @@
 - **submit** for a group: the caller is a member of that hub group.
 - **see, read logs of, cancel** a job: its owner; or a *group admin* of the
   job's group; or (``hub_admins_see_all``) a hub admin.
-- **group admin** of ``g``: a member of the hub group ``g`` *and* either of
-  the hub group ``<g><admin_group_suffix>`` (default ``g-admins``, managed in
-  IAM like any other group) or listed under ``groups.<g>.admins`` in the
-  queue configuration.
+- **group admin** of ``g``: a member of the hub group ``g`` *and* an
+  administrator of ``g`` by the platform's one rule
+  (:mod:`labfleet_hub.groupadmin`): in the hub group ``<g><admin_group_suffix>``
+  (default ``g-admins``, managed in IAM like any other group) or listed under
+  ``groups.<g>.admins`` in the queue configuration.
 
 The caller comes from the hub (``HubAuth.user_for_token``): name, groups,
 admin. Nothing the client sends about itself is trusted.
@@ -17,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from labfleet_hub.groupadmin import administered_groups
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,12 @@ class Policy:
     configured_admins: Mapping[str, Iterable[str]] | None = None
 
     def is_group_admin(self, caller: Caller, group: str) -> bool:
+        # a member of the group who administers it by the one rule (labfleet_hub.groupadmin)
         if group not in caller.groups:
             return False
-        if self.admin_group_suffix and f"{group}{self.admin_group_suffix}" in caller.groups:
-            return True
-        admins = (self.configured_admins or {}).get(group, ())
-        return caller.name in set(admins)
+        pattern = "{group}" + self.admin_group_suffix if self.admin_group_suffix else "{group}"
+        groups = caller.groups if self.admin_group_suffix else ()
+        return group in administered_groups(caller.name, groups, pattern, self.configured_admins)
 
     def can_submit(self, caller: Caller, group: str) -> bool:
         return group in caller.groups

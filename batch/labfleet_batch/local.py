@@ -92,7 +92,7 @@ from .model import (
     JobRecord,
     LogsUnavailable,
 )
-from .queues import QueueConfig
+from .queues import GroupQuota, QueueConfig
 from .store import JobStore, process_start_time
 from .validation import BatchRequest, RequestError
 
@@ -412,11 +412,30 @@ class LocalBackend(RestoreMixin):
                 continue
             if used.get(key, 0) + value > limits[key]:
                 what = key.removeprefix("acc:")
-                return (
+                why = (
                     f"insufficient quota for {what} in group {job.record.group}: "
                     f"{used.get(key, 0):g} in use + {value:g} requested > {limits[key]:g}"
                 )
+                if used.get(key, 0) > limits[key]:
+                    # the limit was lowered under what runs: nothing is stopped for it
+                    why += (
+                        "; the group's running jobs hold more than its limit, which was "
+                        "lowered while they ran: they finish, and the group's jobs wait "
+                        "until it is under the limit again"
+                    )
+                return why
         return ""
+
+    def set_group_quota(self, quota: GroupQuota) -> None:
+        """New limits for a group, at once (the quota API, :mod:`.local_limits`).
+
+        Waiting jobs are looked at again now; running jobs are never stopped for a
+        lowered limit: the group's jobs wait until it is under the limit again."""
+        if quota.name not in self.config.groups:
+            raise KeyError(quota.name)
+        self.config.groups[quota.name] = quota
+        with contextlib.suppress(RuntimeError):  # no running loop: the next pass sees it
+            self._schedule()
 
     def _schedule(self) -> None:
         if self._restoring:

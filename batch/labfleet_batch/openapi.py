@@ -109,6 +109,21 @@ DOCUMENT: dict = {
             },
             "Submission": SUBMISSION,
             "Job": JOB,
+            "LimitChanges": {
+                "type": "object", "required": ["quotas"],
+                "properties": {"quotas": {"type": "array", "items": {
+                    "type": "object", "required": ["flavor", "resource"],
+                    "properties": {"flavor": {"type": "string"}, "resource": {"type": "string"},
+                                   "nominalQuota": {"type": "string"}}}}},
+            },
+            "Limits": {
+                "type": "object", "required": ["group", "quotas", "configured", "in_use"],
+                "properties": {"group": {"type": "string"},
+                               "quotas": {"type": "array", "items": {"type": "object"}},
+                               "configured": {"type": "array", "items": {"type": "object"}},
+                               "in_use": {"type": "array", "items": {"type": "object"}},
+                               "before": {"type": "array", "items": {"type": "object"}}},
+            },
             "Jobs": {"type": "object", "required": ["jobs"],
                      "properties": {"jobs": {"type": "array",
                                              "items": {"$ref": "#/components/schemas/Job"}}}},
@@ -206,6 +221,27 @@ DOCUMENT: dict = {
                               "400": _error("no such completion index"),
                               "404": _error("no job that the caller may see"),
                               "409": _error("the log cannot be read safely"),
+                              **AUTH_ERRORS},
+            },
+        },
+        "/api/limits/{group}": {
+            "parameters": [JOB_GROUP],
+            "get": {
+                "summary": "a group's live limits on a single node (the accounting service "
+                           "only: labfleet_batch.limits_api)",
+                "responses": {"200": _json("the limits, the YAML's, what is in use",
+                                           "Limits"),
+                              "404": _error("no such group, or not the local backend"),
+                              **AUTH_ERRORS},
+            },
+            "put": {
+                "summary": "change a group's limits at once (the accounting service only)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/LimitChanges"}}}},
+                "responses": {"200": _json("the limits after, with before", "Limits"),
+                              "400": _error("malformed, or no such entry; names the field"),
+                              "404": _error("no such group, or not the local backend"),
+                              "503": _error("the limits could not be saved"),
                               **AUTH_ERRORS},
             },
         },

@@ -74,8 +74,17 @@ class Context:
         log_poll_interval: float = 1.0,
         budget: BudgetGate | None = None,
         nav: HubNav | None = None,
+        configured: QueueConfig | None = None,
+        limits_store=None,
+        limit_managers: tuple[str, ...] = ("accounting",),
     ):
         self.backend = backend
+        #: the YAML's queue configuration (config: with the live limits, local backend)
+        self.configured = configured or config
+        #: where the live group limits are kept (local_limits.LimitsStore); None: memory
+        self.limits_store = limits_store
+        #: hub services that may read and change the local limits (api/limits)
+        self.limit_managers = tuple(limit_managers)
         self.catalogue = catalogue
         self.config = config
         self.hub_auth = hub_auth
@@ -351,7 +360,8 @@ class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):
 
 
 def make_app(ctx: Context, prefix: str = "/") -> web.Application:
-    from .page import JobPageHandler, QueuePageHandler  # page.py imports from here
+    from .limits_api import LimitsHandler  # these import from here
+    from .page import JobPageHandler, QueuePageHandler
 
     job = r"([a-z0-9][a-z0-9._-]{0,62})/([a-z0-9][-a-z0-9]{0,62})"
     args = {"ctx": ctx}
@@ -367,6 +377,7 @@ def make_app(ctx: Context, prefix: str = "/") -> web.Application:
         (url_path_join(prefix, f"api/jobs/{job}"), JobHandler, args),
         (url_path_join(prefix, f"api/jobs/{job}/logs"), LogsHandler, args),
         (url_path_join(prefix, f"jobs/{job}"), JobPageHandler, args),
+        (url_path_join(prefix, r"api/limits/([a-z0-9][a-z0-9._-]{0,62})"), LimitsHandler, args),
         (prefix.rstrip("/") + "/?", QueuePageHandler, args),
     ]
     if isinstance(ctx.hub_auth, HubOAuth):
@@ -570,6 +581,14 @@ class BatchService(AuthCacheConfig, Application):
         "queues": "BatchService.queues_path",
         "backend": "BatchService.backend",
     }
+    limit_managers = List(
+        Unicode(),
+        ["accounting"],
+        config=True,
+        help="""Hub services whose own API token may read and change the local backend's
+        group limits (api/limits/<group>): the accounting service, which serves the quota
+        page and API of both modes and checks who may change what. Users never may.""",
+    )
     config_file = Unicode("", config=True, help="A Python traitlets config file to load.")
 
     def initialize(self, argv=None):
@@ -590,6 +609,16 @@ class BatchService(AuthCacheConfig, Application):
             config = parse_queue_config(
                 self.queue_config, catalogue, source="BatchService.queue_config"
             )
+        configured, store = config, None
+        if self.backend == "local" and self.state_dir:
+            # the limits group admins set through the quota API win over the YAML's
+            from .local_limits import LimitsStore, differences, overlay
+
+            store = LimitsStore(self.state_dir)
+            live = store.load()
+            config = overlay(config, live)
+            for line in differences(configured, live):
+                self.log.info("Live group limit (quota API): %s", line)
         backend = await self.make_backend(config, catalogue)
         policy = Policy(
             admin_group_suffix=self.admin_group_suffix,
@@ -611,6 +640,9 @@ class BatchService(AuthCacheConfig, Application):
             self.log_poll_interval,
             budget=budget,
             nav=self.hub_nav(),
+            configured=configured,
+            limits_store=store,
+            limit_managers=tuple(self.limit_managers),
         )
 
     def make_limits(self) -> Limits:

@@ -94,6 +94,36 @@ def cmd_check_config(args) -> int:
     if values is None:
         return 1
     print(f"{args.config}: valid (catalogue {values['catalogue']}: valid)")
+    return live_limits_report(values)
+
+
+def live_limits_report(values: dict) -> int:
+    """Where the single node's live group limits (set through the quota API, kept in the
+    batch service's state) differ from ``batch.queues``: printed, they apply."""
+    if not values["batch"]["enabled"] or values["spawner"]["kind"] != "local":
+        return 0
+    from labfleet_batch.local_limits import LimitsStore, LimitsStoreError, differences
+    from labfleet_batch.queues import parse_queue_config
+    from labfleet_spawner.catalogue import load_catalogue
+
+    store = LimitsStore(Path(values["hub"]["state_dir"]) / "batch")
+    try:
+        live = store.load()
+    except PermissionError:
+        print(f"{store.path}: cannot read the live group limits (run as the platform's user)")
+        return 0
+    except LimitsStoreError as e:
+        print(f"labfleet: {e}", file=sys.stderr)
+        return 1
+    config = parse_queue_config(values["batch"]["queues"], load_catalogue(values["catalogue"]))
+    lines = differences(config, live)
+    if lines:
+        print(
+            f"live group limits differ from the YAML (set by group admins through the quota "
+            f"API, kept in {store.path}; the live values apply):"
+        )
+        for line in lines:
+            print(f"  {line}")
     return 0
 
 

@@ -500,6 +500,9 @@ def accounting_command(values: dict) -> list[str]:
         command.append(f"--AccountingApp.group_admins={json.dumps(acc['group_admins'])}")
     if values["spawner"]["kind"] == "local":
         command.append(f"--AccountingApp.spool_path={acc['spool']}")
+        if values["batch"]["enabled"]:
+            # the group quotas are the local batch service's limits, through its API
+            command.append(f"--AccountingApp.batch_limits_url={batch_url(values)}")
     else:
         # the group admins' quota page patches the ClusterQueues the batch layout made
         from labfleet_batch.queues import QueueConfig
@@ -616,6 +619,15 @@ def apply_accounting(values: dict, c) -> None:
         roles.append(user_role)
     access = f"access:services!service={ACCOUNTING_SERVICE}"
     user_role["scopes"] = [*user_role["scopes"], access]
+    if values["spawner"]["kind"] == "local" and values["batch"]["enabled"]:
+        # the quota page changes the local batch service's group limits (api/limits)
+        roles.append(
+            {
+                "name": "labfleet-accounting-limits",
+                "scopes": [f"access:services!service={BATCH_SERVICE}"],
+                "services": [ACCOUNTING_SERVICE],
+            }
+        )
     c.JupyterHub.load_roles = roles
     if values["spawner"]["kind"] == "local":
         c.LocalGPUSpawner.accounting_hook = SpoolHook(path=acc["spool"])

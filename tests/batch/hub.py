@@ -70,7 +70,8 @@ c.JupyterHub.load_roles = [
     {{"name": "batch-ids", "scopes": [posix_ids.POSIX_IDS_SCOPE], "services": ["batch"]}},
     {{
         "name": "provisioner",
-        "scopes": ["admin:users", "admin:groups", "tokens", "read:users"],
+        # the batch scope: it stands in for the accounting service on api/limits
+        "scopes": ["admin:users", "admin:groups", "tokens", "read:users", "{batch_scope}"],
         "services": ["provisioner"],
     }},
 ]

@@ -238,7 +238,11 @@ async def test_quota_authorization_matrix(k8s_cluster, quota_service):
         alice = {"Authorization": "token alice-token"}
         over = json.dumps({"quotas": [{"flavor": t4, "resource": GPU, "nominalQuota": "9"}]})
         r = await client.put(url + "api/quotas/ml", content=over, headers=alice)
-        assert r.status_code == 403 and "exceeds the cap 4" in r.json()["message"]
+        assert (
+            r.status_code == 400
+            and "quotas[0].nominalQuota: 9 of" in r.json()["message"]
+            and "exceeds the cap 4" in r.json()["message"]
+        )
         r = await client.put(url + "api/quotas/ml", content=b'{"quotas": 3}', headers=alice)
         assert r.status_code == 400
         r = await client.put(

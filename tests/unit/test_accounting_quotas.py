@@ -54,7 +54,7 @@ def test_caps():
     check_caps("ml", [Change("t4", "nvidia.com/gpu", "4", "2")], caps)
     with pytest.raises(OverCap, match="exceeds the cap 4"):
         check_caps("ml", [Change("t4", "nvidia.com/gpu", "4500m")], caps)
-    with pytest.raises(OverCap, match="borrowingLimit 3"):
+    with pytest.raises(OverCap, match=r"quotas\[0\]\.borrowingLimit: 3 "):
         check_caps("ml", [Change("t4", "nvidia.com/gpu", None, "3")], caps)
     with pytest.raises(OverCap, match="no cap for cpu on flavor 'd'"):
         check_caps("ml", [Change("d", "cpu", "1")], caps)

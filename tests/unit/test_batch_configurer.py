@@ -227,3 +227,33 @@ def test_local_jobs_are_accounted_through_the_notebooks_spool(config_dir):
     data["spawner"]["kind"] = "kubernetes"
     (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
     assert not any("accounting_spool" in arg for arg in batch_command(values_for(config_dir)))
+
+
+def test_single_node_quotas_reach_the_batch_service_with_the_accounting_token(config_dir):
+    """Issue 16: the accounting service serves the quota page and changes the local
+    batch limits through the batch service's API, with its own hub service token."""
+    from labfleet_accounting.app import AccountingApp
+    from labfleet_hub.configurer import accounting_command, batch_url
+
+    values = values_for(config_dir)
+    c = Config()
+    apply_config(values, c)
+    accounting = AccountingApp()
+    accounting.parse_command_line(accounting_command(values)[4:])
+    assert accounting.batch_limits_url == batch_url(values)
+    assert accounting.batch_limits_url.endswith("/services/batch/")
+    [role] = [r for r in c.JupyterHub.load_roles if r["name"] == "labfleet-accounting-limits"]
+    assert role == {"name": "labfleet-accounting-limits", "scopes": [ACCESS],
+                    "services": ["accounting"]}  # fmt: skip
+    batch = BatchService()
+    batch.parse_command_line(batch_command(values)[3:])
+    assert batch.limit_managers == ["accounting"]
+    # without the batch service there is nothing to manage: no URL, no role
+    data = yaml.safe_load((config_dir / "labfleet.yaml").read_text())
+    data["batch"]["enabled"] = False
+    (config_dir / "labfleet.yaml").write_text(yaml.safe_dump(data))
+    values = values_for(config_dir)
+    c = Config()
+    apply_config(values, c)
+    assert not any("batch_limits_url" in a for a in accounting_command(values))
+    assert all(r["name"] != "labfleet-accounting-limits" for r in c.JupyterHub.load_roles)
