@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from . import images
+from . import images, subject_binding
 from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
 from .node_pieces import NodePiecesError, ensure_proxy, install_all
 from .private import StateError, prepare_state_dir, private_file
@@ -124,6 +124,31 @@ def live_limits_report(values: dict) -> int:
         )
         for line in lines:
             print(f"  {line}")
+    return 0
+
+
+def cmd_release_name(args) -> int:
+    """``labfleet release-name NAME``: give a hub name to the next account that logs in."""
+    from jupyterhub import orm
+
+    values = config_values(args.config)
+    if values is None:
+        return 1
+    name = args.name.strip().lower()  # JupyterHub's own normalisation of user names
+    session = orm.new_session_factory(values["hub"]["db_url"])()
+    try:
+        old = subject_binding.release(session, name)
+    finally:
+        session.close()
+    if old is None:
+        print(f"hub user {name!r} is bound to no account; nothing to release")
+        return 0
+    print(
+        f"released hub user {name!r} (it was bound to subject {old!r}); the next login of "
+        f"that name binds it again. It keeps its uid and home: if they are not the new "
+        f"account's, move the home aside (single node: {values['spawner']['storage_root']}"
+        f"/home/{name}) before that login"
+    )
     return 0
 
 
@@ -380,6 +405,14 @@ def main(argv=None) -> int:
     )
     sync.set_defaults(func=cmd_sync_queues)
     images.add_parser(sub)
+    release = sub.add_parser(
+        "release-name",
+        help="hand a hub user name to another identity-provider account (a recreated IAM "
+        "account): delete the name's subject binding; run as the platform admin",
+    )
+    release.add_argument("name", help="the hub user name")
+    release.add_argument("--config", default=DEFAULT_CONFIG)
+    release.set_defaults(func=cmd_release_name)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -12,8 +12,8 @@ login of that name must bring the same ``sub``. The row is independent of
 deleted and created again keeps its binding, as it keeps its uid and home.
 
 To give a name to another account on purpose (a person's IAM account was
-recreated), an administrator moves the old home aside and deletes the row:
-``DELETE FROM labfleet_subjects WHERE name = 'alice'`` (docs/identity.md).
+recreated), an administrator moves the old home aside and runs ``labfleet
+release-name alice`` (:func:`release`; docs/identity.md).
 """
 
 from __future__ import annotations
@@ -95,3 +95,18 @@ def bind(db, name: str, sub: str, issuer: str = "") -> str:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def release(db, name: str) -> str | None:
+    """Delete ``name``'s binding; the ``sub`` it was bound to, or None if it had none.
+
+    The next login of ``name`` binds it again, to whichever account that is. The
+    name keeps its uid and home (:mod:`labfleet_hub.posix_registry`): whoever logs
+    in next gets them, so the caller moves the old home aside first if it is not
+    the new account's.
+    """
+    found = bound_subject(db, name)
+    if found is not None:
+        db.execute(text("DELETE FROM labfleet_subjects WHERE name = :name"), {"name": name})
+        db.commit()
+    return found

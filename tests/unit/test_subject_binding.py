@@ -76,3 +76,36 @@ async def test_binding_can_be_turned_off(db):
     await auth.bind_subject(db, model("dave", "sub-1"))
     await auth.bind_subject(db, model("dave", "sub-2"))
     assert subject_binding.bound_subject(db, "dave") is None
+
+
+def test_release_name_hands_the_name_to_the_next_account(config_dir, capsys):
+    import yaml
+    from labfleet_hub import cli
+
+    config = config_dir / "labfleet.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["hub"]["state_dir"] = str(config_dir / "state")
+    data["spawner"]["storage_root"] = str(config_dir / "storage")
+    config.write_text(yaml.safe_dump(data))
+    values = cli.config_values(str(config))
+    assert values is not None, capsys.readouterr().err
+    (config_dir / "state").mkdir(mode=0o700)
+    session = orm.new_session_factory(values["hub"]["db_url"])()
+    try:
+        subject_binding.bind(session, "alice", "sub-old", "https://iam/")
+    finally:
+        session.close()
+
+    assert cli.main(["release-name", "Alice", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "'alice'" in out and "sub-old" in out and f"{config_dir}/storage/home/alice" in out
+
+    session = orm.new_session_factory(values["hub"]["db_url"])()
+    try:
+        assert subject_binding.bound_subject(session, "alice") is None
+        assert subject_binding.bind(session, "alice", "sub-new", "https://iam/") == "sub-new"
+    finally:
+        session.close()
+    # releasing a name bound to nobody says so and changes nothing
+    assert cli.main(["release-name", "bob", "--config", str(config)]) == 0
+    assert "nothing to release" in capsys.readouterr().out
