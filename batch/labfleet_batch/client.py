@@ -23,6 +23,7 @@ CLI (and Snakemake: ``--cluster "labfleet-batch submit --group ml"
 
     labfleet-batch submit --group ml --gpu t4 job.sh      # prints only the job id
     labfleet-batch status ml/job-x1y2z3w4                 # running | success | failed
+                                                          # (and why it failed, on stderr)
     labfleet-batch wait|logs|cancel <id>; labfleet-batch list
 """
 
@@ -343,7 +344,10 @@ def main(argv: list[str] | None = None, client: BatchClient | None = None) -> in
                 print(f"labfleet-batch: warning: {job['warning']}", file=sys.stderr)
             print(job["id"])  # only the id: Snakemake reads it
         elif args.cmd == "status":
-            print(client.status(args.job_id)["snakemake_status"])
+            job = client.status(args.job_id)
+            print(job["snakemake_status"])  # stdout: only the word (Snakemake reads it)
+            if job.get("state") == "failed" and job.get("message"):
+                print(describe(job), file=sys.stderr)  # why, for a person
         elif args.cmd == "wait":
             job = client.wait(args.job_id, progress=lambda m: print(m, file=sys.stderr))
             return 0 if job["state"] == "succeeded" else 1

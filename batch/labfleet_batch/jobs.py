@@ -106,6 +106,9 @@ class JobContext:
     # CPU jobs are kept off accelerator nodes (as notebooks are) when it is known
     catalogue: Catalogue | None = None
     extra_labels: dict[str, str] = field(default_factory=dict)
+    # CPU-only, not offloaded jobs (QueueConfig.cpu_node_selector / cpu_tolerations)
+    cpu_node_selector: dict[str, str] = field(default_factory=dict)
+    cpu_tolerations: tuple[dict, ...] = ()
 
 
 def job_metadata(request: BatchRequest, ctx: JobContext) -> tuple[dict, dict]:
@@ -177,6 +180,11 @@ def make_job(request: BatchRequest, ctx: JobContext, job_name: str) -> dict:
         "affinity": podspec.node_affinity(selection, ctx.catalogue, request.offload),
     }
     tols = podspec.tolerations(selection, request.group, request.offload, ctx.kind_tolerations)
+    if selection.accelerator is None and not request.offload:
+        # the queue configuration's cpu_placement: e.g. a tainted pool of CPU nodes
+        if ctx.cpu_node_selector:
+            pod_spec["nodeSelector"] = dict(ctx.cpu_node_selector)
+        tols += [dict(t) for t in ctx.cpu_tolerations if t not in tols]
     if tols:
         pod_spec["tolerations"] = tols
     spec: dict = {

@@ -104,6 +104,79 @@ def record_from_job(job: dict, priority_names: dict[str, str] | None = None) -> 
     )
 
 
+#: Job failure reasons whose own message ("Job has reached the specified backoff limit")
+#: says less than the pods do: with backoffLimit 0 a failed completion fails the Job.
+POD_EXPLAINED_REASONS = ("BackoffLimitExceeded", "FailedIndexes", "PodFailurePolicy", "")
+#: At most this many completions are named in a failed job's message.
+MAX_FAILURES_NAMED = 5
+
+
+def _completion(pod: dict) -> int:
+    meta = pod.get("metadata") or {}
+    raw = (meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or (
+        meta.get("annotations") or {}
+    ).get(COMPLETION_INDEX_LABEL, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
+def _failure(index: int, pod: dict) -> str | None:
+    """One plain sentence on why completion ``index``'s pod failed, or None."""
+    status = pod.get("status") or {}
+    limits = {
+        c.get("name"): ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        for c in (pod.get("spec") or {}).get("containers") or []
+    }
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get(
+            "terminated"
+        )
+        if not term:
+            continue
+        if term.get("reason") == "OOMKilled":
+            limit = limits.get(cs.get("name"))
+            if limit:
+                return (
+                    f"completion {index} was killed: it used more than its {limit} "
+                    "memory limit (OOMKilled)"
+                )
+            return f"completion {index} was killed by the kernel: out of memory (OOMKilled)"
+        code = term.get("exitCode", 0)
+        if code:
+            reason = term.get("reason") or ""
+            extra = f" ({reason})" if reason and reason != "Error" else ""
+            if code > 128:
+                return f"completion {index} was ended by signal {code - 128}{extra}"
+            return f"completion {index} exited with code {code}{extra}"
+    if status.get("phase") == "Failed" and (status.get("message") or status.get("reason")):
+        return f"completion {index} failed: {status.get('message') or status.get('reason')}"
+    return None
+
+
+def failure_message(job: dict, pods: list[dict]) -> str | None:
+    """A failed Job's message from its pods, in plain sentences; None: keep the Job's own.
+
+    ``"completion 0 was killed: it used more than its 64Mi memory limit
+    (OOMKilled)"``: the kernel's reason, read from the last pod of each
+    completion, instead of Kubernetes' "Job has reached the specified backoff
+    limit". A Job that failed for its own reason (its deadline) keeps its message.
+    """
+    cnd = _condition(job, "Failed") or {}
+    if cnd.get("reason", "") not in POD_EXPLAINED_REASONS:
+        return None
+    latest: dict[int, dict] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")):
+        latest[_completion(pod)] = pod
+    sentences = [s for i in sorted(latest) if (s := _failure(i, latest[i]))]
+    if not sentences:
+        return None
+    more = len(sentences) - MAX_FAILURES_NAMED
+    text = "; ".join(sentences[:MAX_FAILURES_NAMED])
+    return text + (f"; and {more} more failed" if more > 0 else "")
+
+
 def queue_info(workload: dict | None) -> dict[str, Any]:
     """Kueue's view: admitted or not, why not, where (ClusterQueue and flavors)."""
     if workload is None:
@@ -205,6 +278,8 @@ class KubeBackend:
             ids=ids,
             kind_tolerations=self.config.kind_tolerations,
             catalogue=self.catalogue,
+            cpu_node_selector=self.config.cpu_node_selector,
+            cpu_tolerations=self.config.cpu_tolerations,
         )
         body = jobbuilder.make_job(request, ctx, jobbuilder.new_job_name(request.name))
         created = await self.api.request(
@@ -278,6 +353,13 @@ class KubeBackend:
             return None
         record = record_from_job(job, self._priority_names)
         ns = self._ns(group)
+        if record.state == FAILED:
+            data = await self.api.request(
+                "GET",
+                f"/api/v1/namespaces/{ns}/pods",
+                query={"labelSelector": f"{JOB_NAME_LABEL}={name}"},
+            )
+            record.message = failure_message(job, data.get("items", [])) or record.message
         workloads = await self._workloads(ns)
         wl = self._workload_of(workloads, job)
         record.queue = queue_info(wl)

@@ -17,6 +17,9 @@ One configuration (plain data, usually YAML) describes every group's quota::
         max_running: 8                          # local backend: jobs at once
         admins: [carol]                         # group admins besides <group>-admins
     network: {dns: false, egress: []}           # batch NetworkPolicies (labfleet_batch.netpol)
+    cpu_placement:                              # optional: where CPU-only jobs go
+      node_selector: {node-pool: cpu-batch}
+      tolerations: [{key: dedicated, operator: Equal, value: batch, effect: NoSchedule}]
 
 The Kubernetes backend turns it into: per group a Namespace (labelled with the
 group) and a LocalQueue, a ClusterQueue selecting only that namespace, in the
@@ -24,8 +27,11 @@ cohort; one ResourceFlavor per catalogue accelerator (its ``node_labels`` and
 tolerations) plus a default CPU flavor; WorkloadPriorityClasses; optionally an
 interLink offload ClusterQueue and per-group offload LocalQueues; and per group
 namespace the NetworkPolicies of :mod:`.netpol` (deny everything, then allow
-what ``network`` says). The local backend reads the same quotas as concurrency
-limits.
+what ``network`` says). ``cpu_placement`` adds a node selector and tolerations
+to the pods of CPU-only jobs (no accelerator, not offloaded), e.g. to send them
+to a tainted CPU pool; it is applied to the Job, not to the default flavor,
+because the default flavor also holds the CPU of GPU jobs. The local backend
+reads the same quotas as concurrency limits.
 
 :func:`sync_queues` applies all of it with server-side apply: re-running it
 changes only what changed and never deletes (removing a group from the
@@ -34,6 +40,7 @@ configuration leaves its objects for an admin to drain and delete).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -88,6 +95,9 @@ class QueueConfig:
         default_factory=lambda: dict(DEFAULT_KIND_TOLERATIONS)
     )
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    # CPU-only, not offloaded jobs: merged into the pod's nodeSelector and tolerations
+    cpu_node_selector: dict[str, str] = field(default_factory=dict)
+    cpu_tolerations: tuple[dict, ...] = ()
 
     # -- names ---------------------------------------------------------------
 
@@ -148,6 +158,7 @@ def parse_queue_config(data: Any, catalogue: Catalogue, source: str = "<queues>"
         "offload",
         "kind_tolerations",
         "network",
+        "cpu_placement",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -215,6 +226,9 @@ def parse_queue_config(data: Any, catalogue: Catalogue, source: str = "<queues>"
         kwargs["kind_tolerations"] = {
             k: tuple(v) for k, v in (data["kind_tolerations"] or {}).items()
         }
+    if data.get("cpu_placement") is not None:
+        selector, tolerations = parse_placement(data["cpu_placement"], f"{source}: cpu_placement")
+        kwargs["cpu_node_selector"], kwargs["cpu_tolerations"] = selector, tolerations
     try:
         kwargs["network"] = parse_network(data.get("network"), f"{source}: network")
     except NetworkConfigError as e:
@@ -228,6 +242,100 @@ def parse_queue_config(data: Any, catalogue: Catalogue, source: str = "<queues>"
         offload_memory=str(offload.get("memory", "4Ti")),
         **kwargs,
     )
+
+
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
+TOLERATION_OPERATORS = ("Equal", "Exists")
+TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def _label_key(key: Any) -> bool:
+    if not isinstance(key, str) or not key:
+        return False
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return bool(name) and len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _toleration(raw: Any, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise QueueConfigError(f"{where}: must be a mapping with {', '.join(TOLERATION_FIELDS)}")
+    extra = sorted(set(raw) - set(TOLERATION_FIELDS))
+    if extra:
+        raise QueueConfigError(
+            f"{where}: unknown field(s) {', '.join(extra)}; allowed: {', '.join(TOLERATION_FIELDS)}"
+        )
+    operator = raw.get("operator", "Equal")
+    if operator not in TOLERATION_OPERATORS:
+        raise QueueConfigError(
+            f"{where}.operator: {operator!r} is not one of {', '.join(TOLERATION_OPERATORS)}"
+        )
+    key = raw.get("key", "")
+    if key and not _label_key(key):
+        raise QueueConfigError(f"{where}.key: {key!r} is not a valid taint key")
+    if not key and operator != "Exists":
+        raise QueueConfigError(f"{where}: a toleration without a key needs operator Exists")
+    value = raw.get("value", "")
+    if operator == "Exists" and value:
+        raise QueueConfigError(f"{where}.value: operator Exists takes no value")
+    if not isinstance(value, str) or not _LABEL_NAME.match(value):
+        raise QueueConfigError(f"{where}.value: {value!r} is not a valid taint value")
+    effect = raw.get("effect", "")
+    if effect and effect not in TOLERATION_EFFECTS:
+        raise QueueConfigError(
+            f"{where}.effect: {effect!r} is not one of {', '.join(TOLERATION_EFFECTS)} "
+            "(or empty: every effect)"
+        )
+    seconds = raw.get("tolerationSeconds")
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int) or effect != "NoExecute"
+    ):
+        raise QueueConfigError(
+            f"{where}.tolerationSeconds: a whole number, and only with effect NoExecute"
+        )
+    out = {"key": key, "operator": operator} if key else {"operator": operator}
+    if value:
+        out["value"] = value
+    if effect:
+        out["effect"] = effect
+    if seconds is not None:
+        out["tolerationSeconds"] = seconds
+    return out
+
+
+def parse_placement(raw: Any, where: str) -> tuple[dict[str, str], tuple[dict, ...]]:
+    """``{node_selector: {label: value}, tolerations: [...]}`` -> ``(selector, tolerations)``.
+
+    Errors name the field and what is allowed: label keys and values as
+    Kubernetes accepts them, tolerations with only the fields, operators and
+    effects of a pod's ``tolerations``.
+    """
+    if not isinstance(raw, dict):
+        raise QueueConfigError(f"{where}: must be a mapping with node_selector and/or tolerations")
+    extra = sorted(set(raw) - {"node_selector", "tolerations"})
+    if extra:
+        raise QueueConfigError(
+            f"{where}: unknown field(s) {', '.join(extra)}; allowed: node_selector, tolerations"
+        )
+    selector = raw.get("node_selector") or {}
+    if not isinstance(selector, dict):
+        raise QueueConfigError(f"{where}.node_selector: must be a mapping {{label: value}}")
+    for key, value in selector.items():
+        if not _label_key(key):
+            raise QueueConfigError(f"{where}.node_selector: {key!r} is not a valid label key")
+        if not isinstance(value, str) or not _LABEL_NAME.match(value):
+            raise QueueConfigError(
+                f"{where}.node_selector.{key}: {value!r} is not a valid label value "
+                "(a string of at most 63 letters, digits, '-', '_', '.'; quote true/false)"
+            )
+    tolerations = raw.get("tolerations") or []
+    if not isinstance(tolerations, list):
+        raise QueueConfigError(f"{where}.tolerations: must be a list")
+    parsed = tuple(_toleration(t, f"{where}.tolerations[{i}]") for i, t in enumerate(tolerations))
+    return dict(selector), parsed
 
 
 # -- builders (pure) ---------------------------------------------------------------
