@@ -105,7 +105,7 @@ class LocalQuotaManager(QuotaManager):
                 "over": bool(use.get("over")),
                 "configured": configured.get(key, {}).get("nominalQuota"),
             })  # fmt: skip
-        return {"group": group, "where": "the local batch queue (single node)", "quotas": quotas}
+        return {"group": group, "where": "The local batch queue (single node)", "quotas": quotas}
 
     async def get(self, group: str) -> dict:
         answer = await self.limits.request("GET", group)

@@ -135,8 +135,9 @@ def check_caps(group: str, changes: Iterable[Change], caps: Mapping[tuple[str, s
         cap = caps.get((ch.flavor, ch.resource))
         if cap is None:
             raise OverCap(
-                f"quotas[{i}]: group {group!r} has no cap for {ch.resource} on flavor "
-                f"{ch.flavor!r}; a platform admin must set one first"
+                f"quotas[{i}].flavor: group {group!r} has no cap for {ch.resource} on flavor "
+                f"{ch.flavor!r} (an entry it does not have, or not capped yet: a platform "
+                "admin must set a cap first)"
             )
         if ch.nominal is not None and quantity(ch.nominal) > quantity(cap.max_nominal):
             raise OverCap(

@@ -258,8 +258,15 @@ class PageHandler(BaseHandler):
             render_usage_page(
                 self.current_user, label, scope, summary, series, by, group, nav,
                 self.settings.get("service_prefix", ""), recent, self.ctx.recent_limit,
+                quota_groups=self.quota_groups(identity),
             )
         )  # fmt: skip
+
+    def quota_groups(self, identity: Identity) -> list[str]:
+        """The groups whose quota page the viewer may change (none without quotas)."""
+        if self.ctx.quotas is None:
+            return []
+        return sorted(identity.administers)
 
 
 class OAuthCallbackHandler(BodyLimit, HubOAuthCallbackHandler):

@@ -159,6 +159,19 @@ def recent_table(entries: Sequence[Mapping], period: str, limit: int | None = No
     )
 
 
+def quota_links(groups: Sequence[str], prefix: str = "") -> str:
+    """Links to the batch quota pages of the groups the viewer administers."""
+    if not groups:
+        return ""
+    links = " ".join(
+        f'<a class="btn btn-sm btn-outline-primary" '
+        f'href="{html.escape(prefix + "quotas?" + urlencode({"group": g}))}">'
+        f"{html.escape(g)}</a>"
+        for g in groups
+    )
+    return f'<p id="quota-links">Batch quotas you manage: {links}</p>'
+
+
 def render_usage_page(
     user: Mapping,
     period: str,
@@ -171,11 +184,13 @@ def render_usage_page(
     prefix: str = "",
     recent: Sequence[Mapping] = (),
     recent_limit: int | None = None,
+    quota_groups: Sequence[str] = (),
 ) -> str:
     """The whole page. ``user``: the hub's user model; ``scope``: whose usage, in words;
     ``prefix``: the service's, for the links (relative without it); ``recent``: the
     sessions and jobs (:func:`reports.describe_interval`), newest first, at most
-    ``recent_limit`` (0: no such section)."""
+    ``recent_limit`` (0: no such section); ``quota_groups``: the groups whose quota
+    page the viewer administers (a link each)."""
     query = {"period": period, "by": by, **({"group": group} if group else {})}
     csv_href = html.escape(f"{prefix}api/usage?{urlencode({**query, 'format': 'csv'})}")
     json_href = html.escape(f"{prefix}api/usage?{urlencode(query)}")
@@ -197,6 +212,7 @@ def render_usage_page(
         f'<p class="text-body-secondary">Signed in as {html.escape(str(user.get("name", "")))}. '
         f"{html.escape(scope)} Hours are wall-clock hours times the resource held "
         "(memory in decimal GB).</p>"
+        f"{quota_links(quota_groups, prefix)}"
         f"{charts}"
         f'<h2 class="h4">Totals</h2>{totals_table(summary, by, period)}'
         f'<p><a class="btn btn-sm btn-outline-secondary" href="{csv_href}">CSV</a> '

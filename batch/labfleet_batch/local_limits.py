@@ -50,6 +50,14 @@ def _number_text(value: float | int | str) -> str:
     return str(int(d)) if d == d.to_integral_value() else str(d.normalize())
 
 
+def _memory_text(size: Decimal) -> str:
+    """Bytes as the YAML writes memory: ``16Gi``, ``512Mi``, else bytes."""
+    for suffix, unit in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size and size % unit == 0:
+            return f"{int(size // unit)}{suffix}"
+    return _number_text(size)
+
+
 def limit_entries(config: QueueConfig, catalogue: Catalogue, quota: GroupQuota) -> list[dict]:
     """The group's limits as flat quota entries (see the module docstring)."""
     default = config.default_flavor()
@@ -82,9 +90,10 @@ def usage_entries(config: QueueConfig, catalogue: Catalogue, quota: GroupQuota,
         held = Decimal(str(used.get(key, 0)))
         limit = quantity(entry["nominalQuota"])
         unlimited = entry["resource"] == JOBS and limit == 0
+        shown = _memory_text(held) if entry["resource"] == "memory" else _number_text(held)
         out.append({
             "flavor": entry["flavor"], "resource": entry["resource"],
-            "used": _number_text(held), "over": bool(not unlimited and held > limit),
+            "used": shown, "over": bool(not unlimited and held > limit),
         })  # fmt: skip
     return out
 

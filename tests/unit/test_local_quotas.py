@@ -90,6 +90,7 @@ def test_local_limits_are_entries_named_as_the_kueue_layout(config):
     uses = {(u["flavor"], u["resource"]): u for u in
             usage_entries(config, CATALOGUE, config.groups["ml"], used)}  # fmt: skip
     assert uses[A100] == {"flavor": A100[0], "resource": A100[1], "used": "1", "over": False}
+    assert uses[("labfleet-default", "memory")]["used"] == "1Gi"  # as the YAML writes it
     lowered = quota_from_entries(config.groups["ml"], check_changes(entries, [Change(*A100, "0")]))
     assert lowered.accelerators == {"t4": 1, "a100": 0} and lowered.cpu == 8
     over = {(u["flavor"], u["resource"]): u["over"] for u in
@@ -136,7 +137,7 @@ def test_the_cap_is_the_same_400_in_both_modes():
     with pytest.raises(OverCap, match=r"quotas\[1\]\.nominalQuota: 3 of nvidia.com/gpu") as e:
         check_caps("ml", [Change(*A100, "1"), Change(*A100, "3")], caps)
     assert isinstance(e.value, QuotaError)  # the handlers answer every QuotaError with 400
-    with pytest.raises(OverCap, match=r"quotas\[0\]: group 'ml' has no cap for cpu"):
+    with pytest.raises(OverCap, match=r"quotas\[0\]\.flavor: group 'ml' has no cap for cpu"):
         check_caps("ml", [Change("labfleet-default", "cpu", "1")], caps)
     # 0 running jobs means no limit: above any cap
     with pytest.raises(OverCap, match="0 jobs means no limit"):
@@ -259,3 +260,12 @@ def test_check_config_reports_live_limits_that_differ_from_the_yaml(tmp_path):
     store.path.write_text("garbage")
     result = check()
     assert result.returncode == 1 and "is not JSON" in result.stderr
+
+
+def test_usage_page_links_the_quota_pages_a_group_admin_manages():
+    from labfleet_accounting.usage_page import quota_links
+
+    assert quota_links([]) == ""
+    links = quota_links(["ml", "a&b"], "/services/accounting/")
+    assert 'href="/services/accounting/quotas?group=ml">ml</a>' in links
+    assert 'href="/services/accounting/quotas?group=a%26b">a&amp;b</a>' in links
