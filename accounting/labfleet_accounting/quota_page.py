@@ -55,8 +55,8 @@ def _row(i: int, q: Mapping, editable: bool, local: bool) -> str:
     disabled = "" if can else " disabled"
     cells = [
         f"<td>{escape(str(q['flavor']))}</td><td>{escape(str(q['resource']))}</td>",
-        f'<td><input class="form-control form-control-sm" name="nominal-{i}" '
-        f'aria-label="limit of {escape(_key(q))}" value="{escape(str(q["nominalQuota"]))}"'
+        f'<td><input class="form-control form-control-sm" aria-label="limit of '
+        f'{escape(_key(q))}" name="nominal-{i}" value="{escape(str(q["nominalQuota"]))}"'
         f"{disabled}></td>",
         f"<td>{escape(str(cap['max_nominal'])) if cap else 'no cap'}</td>",
     ]

@@ -215,7 +215,7 @@ def test_page_is_read_only_for_members_and_escapes_everything():
     nav, user = HubNav(), {"name": "alice", "admin": False}
     read_only = render_quota_page(nav, user, state, audit, editable=False, local=True, xsrf="t")
     assert (
-        'name="nominal-0" aria-label="limit of labfleet-a100/nvidia.com/gpu" value="0" disabled'
+        'aria-label="limit of labfleet-a100/nvidia.com/gpu" name="nominal-0" value="0" disabled'
         in read_only
     )
     assert "<button" not in read_only.split('id="quotas"')[1].split("</form>")[0]
