@@ -42,13 +42,15 @@ class Policy:
     admin_group_suffix: str = "-admins"
     hub_admins_see_all: bool = True
     configured_admins: Mapping[str, Iterable[str]] | None = None
+    #: the platform's pattern (accounting.admin_group_pattern); empty: "{group}<suffix>"
+    admin_group_pattern: str = ""
 
     def is_group_admin(self, caller: Caller, group: str) -> bool:
         # a member of the group who administers it by the one rule (labfleet_hub.groupadmin)
         if group not in caller.groups:
             return False
-        pattern = "{group}" + self.admin_group_suffix if self.admin_group_suffix else "{group}"
-        groups = caller.groups if self.admin_group_suffix else ()
+        pattern = self.admin_group_pattern or "{group}" + self.admin_group_suffix
+        groups = caller.groups if pattern != "{group}" else ()
         return group in administered_groups(caller.name, groups, pattern, self.configured_admins)
 
     def can_submit(self, caller: Caller, group: str) -> bool:

@@ -528,6 +528,20 @@ class BatchService(AuthCacheConfig, Application):
         config=True,
         help="Members of hub groups <group><suffix> (and of <group>) are that group's admins.",
     )
+    admin_group_pattern = Unicode(
+        "",
+        config=True,
+        help="""The hub group whose members administer <group>, as the accounting
+        service's admin_group_pattern ("{group}-admins"): one rule for the platform
+        (labfleet_hub.groupadmin). Empty: <group> + admin_group_suffix.""",
+    )
+    group_admins = Dict(
+        value_trait=List(Unicode()),
+        config=True,
+        help="""Extra group admins {group: [user, ...]} besides the pattern and the queue
+        configuration's groups.<g>.admins (labfleet up passes accounting.group_admins, so
+        that both services know the same admins).""",
+    )
     hub_admins_see_all = Bool(
         True, config=True, help="Hub admins may see, read logs of and cancel every job."
     )
@@ -620,10 +634,14 @@ class BatchService(AuthCacheConfig, Application):
             for line in differences(configured, live):
                 self.log.info("Live group limit (quota API): %s", line)
         backend = await self.make_backend(config, catalogue)
+        admins = {g: list(a) for g, a in config_admins(config).items()}
+        for group, users in self.group_admins.items():
+            admins[group] = [*admins.get(group, []), *users]
         policy = Policy(
             admin_group_suffix=self.admin_group_suffix,
             hub_admins_see_all=self.hub_admins_see_all,
-            configured_admins=config_admins(config),
+            configured_admins=admins,
+            admin_group_pattern=self.admin_group_pattern,
         )
         budget = None
         if self.budget_db_url:

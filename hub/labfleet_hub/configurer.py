@@ -496,8 +496,9 @@ def accounting_command(values: dict) -> list[str]:
         command.append("--AccountingApp.metrics_public=True")
     else:
         command.append(f"--AccountingApp.metrics_token_file={metrics_token_path(values)}")
-    if acc["group_admins"]:
-        command.append(f"--AccountingApp.group_admins={json.dumps(acc['group_admins'])}")
+    admins = platform_group_admins(values)
+    if admins:
+        command.append(f"--AccountingApp.group_admins={json.dumps(admins)}")
     if values["spawner"]["kind"] == "local":
         command.append(f"--AccountingApp.spool_path={acc['spool']}")
         if values["batch"]["enabled"]:
@@ -513,6 +514,18 @@ def accounting_command(values: dict) -> list[str]:
             f"--AccountingApp.queue_name_prefix={prefix}",
         ]
     return command
+
+
+def platform_group_admins(values: dict) -> dict[str, list[str]]:
+    """Every configured group admin, for both services (one rule, labfleet_hub.groupadmin):
+    ``accounting.group_admins`` and, with batch, ``batch.queues.groups.<g>.admins``."""
+    admins = {g: list(users) for g, users in values["accounting"]["group_admins"].items()}
+    if values["batch"]["enabled"]:
+        for group, quota in (values["batch"]["queues"].get("groups") or {}).items():
+            for user in (quota or {}).get("admins") or ():
+                if user not in admins.setdefault(group, []):
+                    admins[group].append(user)
+    return {g: users for g, users in sorted(admins.items()) if users}
 
 
 def accounting_environment(values: dict) -> dict[str, str]:
@@ -682,7 +695,11 @@ def batch_command(values: dict) -> list[str]:
         f"--BatchService.hub_admins_see_all={batch['hub_admins_see_all']}",
         f"--BatchService.log_level={batch['log_level']}",
         f"--BatchService.hub_services={menu_services(values)!r}",
+        # who administers a group: the platform's one rule, as the accounting service
+        f"--BatchService.admin_group_pattern={values['accounting']['admin_group_pattern']}",
     ]
+    if values["accounting"]["group_admins"]:
+        command.append(f"--BatchService.group_admins={values['accounting']['group_admins']!r}")
     if batch["limits"]:
         command.append(f"--BatchService.limits={batch['limits']!r}")
     if spawner["kind"] == "local":

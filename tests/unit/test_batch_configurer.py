@@ -257,3 +257,27 @@ def test_single_node_quotas_reach_the_batch_service_with_the_accounting_token(co
     apply_config(values, c)
     assert not any("batch_limits_url" in a for a in accounting_command(values))
     assert all(r["name"] != "labfleet-accounting-limits" for r in c.JupyterHub.load_roles)
+
+
+def test_both_services_know_the_same_group_admins(config_dir):
+    """One rule (labfleet_hub.groupadmin), one list: the accounting service's extra admins
+    and the queue configuration's groups.<g>.admins reach both services."""
+    from labfleet_accounting.app import AccountingApp
+    from labfleet_hub.configurer import accounting_command
+
+    path = config_dir / "labfleet.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["accounting"]["admin_group_pattern"] = "adm-{group}"
+    data["accounting"]["group_admins"] = {"cms": ["dave"]}
+    data["batch"]["queues"]["groups"]["ml"]["admins"] = ["erin"]
+    path.write_text(yaml.safe_dump(data))
+    values = values_for(config_dir)
+    accounting = AccountingApp()
+    accounting.parse_command_line(accounting_command(values)[4:])
+    assert accounting.group_admins == {"cms": ["dave"], "ml": ["erin"]}
+    assert accounting.admin_group_pattern == "adm-{group}"
+    batch = BatchService()
+    batch.parse_command_line(batch_command(values)[3:])
+    assert batch.admin_group_pattern == "adm-{group}"
+    assert batch.group_admins == {"cms": ["dave"]}  # ml's erin comes from its queue_config
+    assert batch.queue_config["groups"]["ml"]["admins"] == ["erin"]

@@ -269,3 +269,14 @@ def test_usage_page_links_the_quota_pages_a_group_admin_manages():
     links = quota_links(["ml", "a&b"], "/services/accounting/")
     assert 'href="/services/accounting/quotas?group=ml">ml</a>' in links
     assert 'href="/services/accounting/quotas?group=a%26b">a&amp;b</a>' in links
+
+
+def test_the_batch_policy_follows_the_platform_pattern():
+    policy = Policy(admin_group_pattern="adm-{group}")
+    assert policy.is_group_admin(Caller("x", frozenset({"ml", "adm-ml"})), "ml")
+    assert not policy.is_group_admin(Caller("x", frozenset({"ml", "ml-admins"})), "ml")
+    assert Identity.from_model(
+        {"name": "x", "groups": ["ml", "adm-ml"]}, "adm-{group}"
+    ).administers == {"ml"}
+    # no suffix and no pattern: only the configured lists
+    assert not Policy(admin_group_suffix="").is_group_admin(Caller("x", frozenset({"ml"})), "ml")
