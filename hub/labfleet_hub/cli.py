@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from . import images, subject_binding
-from .configurer import ConfigError, ensure_secrets, load_values, with_secrets
+from .configurer import ConfigError, ensure_secrets, hub_bind_ip, load_values, with_secrets
 from .node_pieces import NodePiecesError, ensure_proxy, install_all
 from .private import StateError, prepare_state_dir, private_file
 from .procs import die_with_parent, port_in_use
@@ -238,7 +238,7 @@ def cmd_up(args) -> int:
     notice = isolation_notice(values, os.geteuid())
     if notice:
         print(f"labfleet: note: {notice}", file=sys.stderr)
-    wanted = [(hub["ip"], hub["port"]), ("127.0.0.1", hub["hub_port"]),
+    wanted = [(hub["ip"], hub["port"]), (hub_bind_ip(values), hub["hub_port"]),
               ("127.0.0.1", values["proxy"]["api_port"])]  # fmt: skip
     busy = [port for host, port in wanted if port_in_use(host, port)]
     if busy:

@@ -216,7 +216,7 @@ def load_values(path: str | os.PathLike) -> dict:
     if values["batch"]["enabled"]:
         _check_batch(values, path)
         if not values["batch"]["port"]:
-            values["batch"]["port"] = _free_loopback_port()
+            values["batch"]["port"] = _free_loopback_port(hub_bind_ip(values))
     if values["devidp"]["enabled"] and not Path(values["devidp"]["accounts"]).is_file():
         raise ConfigError(
             f"{path}: field devidp.accounts: no such file {values['devidp']['accounts']}"
@@ -307,12 +307,20 @@ def devidp_withheld_groups(values: dict) -> list[str]:
     return sorted(f"{prefix}{group}" for group in values["iam"]["admin_groups"])
 
 
-def _free_loopback_port() -> int:
+def _free_loopback_port(host: str = "127.0.0.1") -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def hub_bind_ip(values: dict) -> str:
+    """Where the hub's API and the hub-managed batch service listen: 127.0.0.1, or
+    ``hub.connect_ip`` -- an address of this machine that pods reach, for a hub run
+    outside the cluster in Kubernetes mode (the test cluster's bridge, 10.244.0.1).
+    Inside a cluster (the chart) the hub is a pod and its Service is the address."""
+    return values["hub"].get("connect_ip") or "127.0.0.1"
 
 
 # -- secrets -------------------------------------------------------------------
@@ -381,7 +389,8 @@ def apply_config(values: dict, c) -> None:
     c.JupyterHub.ip = hub["ip"]
     c.JupyterHub.port = hub["port"]
     c.JupyterHub.base_url = hub["base_url"]
-    c.JupyterHub.hub_ip = "127.0.0.1"
+    # the hub's own API: loopback, or where pods reach this machine (hub.connect_ip)
+    c.JupyterHub.hub_ip = hub_bind_ip(values)
     c.JupyterHub.hub_port = hub["hub_port"]
     c.JupyterHub.db_url = hub["db_url"]
     c.JupyterHub.cookie_secret_file = str(state_dir / "jupyterhub_cookie_secret")
@@ -457,6 +466,12 @@ def apply_config(values: dict, c) -> None:
                 setattr(s, trait, kube[key])
         if "accounting_group_exclude" in kube:
             s.accounting_group_exclude = list(kube["accounting_group_exclude"])
+        if "storage_path" in kube:
+            s.storage_path = kube["storage_path"]
+        if "node_selector" in kube:
+            s.node_selector = dict(kube["node_selector"])
+        if "tolerations" in kube:
+            s.tolerations = [dict(t) for t in kube["tolerations"]]
 
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy['api_port']}"
     if proxy["command"]:
@@ -667,6 +682,24 @@ def batch_url(values: dict) -> str:
     return f"{hub['public_url']}{hub['base_url'].rstrip('/')}/services/{BATCH_SERVICE}/"
 
 
+def notebook_batch_url(values: dict) -> str:
+    """The batch service's URL for notebooks (``LABFLEET_BATCH_URL``): through the proxy
+    (:func:`batch_url`), or, with ``hub.connect_ip``, the service's own URL at that
+    address -- notebook pods cannot reach the proxy on the machine's loopback. The
+    proxy forwards paths unchanged, so the service answers under the same prefix."""
+    hub = values["hub"]
+    if not hub.get("connect_ip"):
+        return batch_url(values)
+    prefix = f"{hub['base_url'].rstrip('/')}/services/{BATCH_SERVICE}/"
+    return f"{_service_origin(values)}{prefix}"
+
+
+def _service_origin(values: dict) -> str:
+    host = hub_bind_ip(values)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{values['batch']['port']}"
+
+
 def device_claims_path(values: dict) -> Path:
     """The registry through which the hub and the local batch service share device claims."""
     return Path(values["hub"]["state_dir"]) / "device-claims.json"
@@ -758,11 +791,10 @@ def apply_batch(values: dict, c) -> None:
     Its queue page (``/services/batch/``) is in the Services menu; browsers
     sign in through the hub's OAuth.
     """
-    batch = values["batch"]
     c.JupyterHub.services.append(
         {
             "name": BATCH_SERVICE,
-            "url": f"http://127.0.0.1:{batch['port']}",
+            "url": _service_origin(values),
             "command": batch_command(values),
             "environment": batch_environment(values),
             "cwd": values["hub"]["state_dir"],
@@ -786,7 +818,7 @@ def apply_batch(values: dict, c) -> None:
     scopes = list(c.Spawner.server_token_scopes if "server_token_scopes" in c.Spawner else [])
     c.Spawner.server_token_scopes = [*scopes, access]
     environment = dict(c.Spawner.environment if "environment" in c.Spawner else {})
-    environment["LABFLEET_BATCH_URL"] = batch_url(values)
+    environment["LABFLEET_BATCH_URL"] = notebook_batch_url(values)
     c.Spawner.environment = environment
     if values["spawner"]["kind"] == "local":
         # The service hands out this machine's devices too: one claims registry for

@@ -55,7 +55,14 @@ from .availability import ClusterWatch
 from .base import CatalogueSpawnerMixin
 from .catalogue import Selection
 from .kueue import condition_true, pending_in_order
-from .storage import DEFAULT_GID_BASE, DEFAULT_UID_BASE
+from .storage import (
+    DEFAULT_GID_BASE,
+    DEFAULT_UID_BASE,
+    StorageError,
+    StorageLayout,
+    apply_storage,
+    plan_storage,
+)
 
 #: Traits labfleet sets from the selection on every start, merged with what an
 #: admin configured (kept from construction time so restarts do not pile up).
@@ -203,6 +210,22 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         ``public``, ``envs``. For example ``{"nfs": {"server": ..., "path": ...}}``
         or a ReadWriteMany claim. An empty dict disables group, public and envs
         mounts (and requires ``home_storage = "pvc"``).
+        """,
+    )
+
+    storage_path = Unicode(
+        "",
+        config=True,
+        help="""Where this hub sees the tree of ``shared_volume`` (an absolute path; empty:
+        nowhere).
+
+        When set, every start first makes the user's ``home/<user>`` (0700, the
+        user's uid and private gid), ``groups/<group>`` for each of the user's
+        groups (2770, the group's gid), ``public`` (1777) and ``envs`` (0755) there,
+        exactly as single-node mode does (:func:`.storage.apply_storage`: no link
+        followed), so the pod finds its folders with their owners. Owners are set
+        only when the hub runs as root (or with CAP_CHOWN); without, the site makes
+        the folders. Without it, the kubelet creates a missing ``subPath`` as root.
         """,
     )
 
@@ -357,6 +380,7 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         self._pod_metadata: tuple[dict, dict] = ({}, {})
         self._gates: list[dict] = []
         self._storage_env: dict[str, str] = {}
+        self._storage_layout: StorageLayout | None = None
         self.accounting_group_name = ""
 
     def _as_list(self, value) -> list:
@@ -435,6 +459,18 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
             raise _http_error(
                 500, f"cannot build your notebook pod: {e}", "Bad configuration"
             ) from None
+        self._storage_layout = None
+        if self.storage_path:
+            try:
+                self._storage_layout = plan_storage(
+                    self.storage_path,
+                    username,
+                    uid,
+                    uid,
+                    {n: self.gid_base + g for n, g in group_numbers.items() if n in groups},
+                )
+            except StorageError as e:
+                raise _http_error(500, f"cannot plan your storage: {e}", "Storage error") from None
         self.volumes = self._configured["volumes"] + volumes
         self.volume_mounts = self._configured["volume_mounts"] + mounts
         self._storage_env = objects.storage_env(storage, groups)
@@ -464,6 +500,16 @@ class PlatformKubeSpawner(CatalogueSpawnerMixin, KubeSpawner):
         # Replaces KubeSpawner's profile_list handling: the catalogue is the only source.
         selection = self.selection or self.apply_selection(self.user_options)
         self.plan(selection)
+        if self._storage_layout is not None:
+            await self.prepare_storage(self._storage_layout)
+
+    async def prepare_storage(self, layout: StorageLayout) -> None:
+        """Make the user's folders on the shared tree (``storage_path``) before the pod."""
+        try:
+            await asyncio.to_thread(apply_storage, layout)
+        except (StorageError, OSError) as e:
+            self.log.error("Storage for %s: %s", self._log_name, e)
+            raise _http_error(500, f"cannot prepare your storage: {e}", "Storage error") from e
 
     async def get_pod_manifest(self):
         pod = await super().get_pod_manifest()
