@@ -18,6 +18,7 @@ with their own hub API token; users get 403.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -29,7 +30,7 @@ from .local_limits import (
     LimitsStoreError,
     check_changes,
     limit_entries,
-    quota_data,
+    live_file,
     quota_from_entries,
     usage_entries,
 )
@@ -88,8 +89,8 @@ class LimitsHandler(BaseHandler):
             raise web.HTTPError(400, "%s", str(e)) from None
         ctx = self.ctx
         quota = quota_from_entries(ctx.config.groups[group], after)
-        live = {g: quota_data(q) for g, q in ctx.config.groups.items()}
-        live[group] = quota_data(quota)
+        groups = {**ctx.config.groups, group: quota}
+        live = live_file(ctx.configured, dataclasses.replace(ctx.config, groups=groups))
         if ctx.limits_store is not None:
             try:  # stored first: a change that could not be kept is not made
                 ctx.limits_store.save(live)

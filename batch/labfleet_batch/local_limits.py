@@ -12,7 +12,8 @@ same in both modes. A single node adds ``jobs`` on the default flavor
 (``max_running``; 0: no limit besides the others) and has no borrowing.
 
 The YAML gives the initial values and decides which entries exist; the
-values set through the API are kept in ``<state_dir>/group-limits.json``
+values set through the API (those that differ from the YAML's) are kept in
+``<state_dir>/group-limits.json``
 (the batch service's private state: mode 0600 in its 0700 folder, replaced
 atomically) and win over the YAML's at every start. :func:`differences`
 tells ``labfleet check-config`` where they differ.
@@ -157,6 +158,28 @@ def quota_data(quota: GroupQuota) -> dict:
         "accelerators": dict(quota.accelerators),
         "max_running": quota.max_running,
     }
+
+
+def live_values(configured: GroupQuota, current: GroupQuota) -> dict:
+    """What the file keeps for a group: only the values that differ from the YAML's, so a
+    value never set (or set back) through the API follows the YAML when it is edited."""
+    before, after = quota_data(configured), quota_data(current)
+    out: dict[str, Any] = {k: after[k] for k in ("cpu", "memory", "max_running")
+                           if str(after[k]) != str(before[k])}  # fmt: skip
+    accelerators = {a: n for a, n in after["accelerators"].items()
+                    if before["accelerators"].get(a) != n}  # fmt: skip
+    if accelerators:
+        out["accelerators"] = accelerators
+    return out
+
+
+def live_file(configured: QueueConfig, current: QueueConfig) -> dict[str, dict]:
+    """Every group's :func:`live_values`, groups without any left out."""
+    out = {}
+    for name, quota in current.groups.items():
+        if name in configured.groups and (values := live_values(configured.groups[name], quota)):
+            out[name] = values
+    return out
 
 
 def overlay(config: QueueConfig, live: Mapping[str, Mapping]) -> QueueConfig:

@@ -280,3 +280,30 @@ def test_the_batch_policy_follows_the_platform_pattern():
     ).administers == {"ml"}
     # no suffix and no pattern: only the configured lists
     assert not Policy(admin_group_suffix="").is_group_admin(Caller("x", frozenset({"ml"})), "ml")
+
+
+def test_the_file_keeps_only_what_was_set_so_yaml_edits_still_apply(config):
+    import dataclasses
+
+    from labfleet_batch.local_limits import live_file
+
+    ml = quota_from_entries(
+        config.groups["ml"],
+        check_changes(limit_entries(config, CATALOGUE, config.groups["ml"]), [Change(*A100, "2")]),
+    )
+    current = dataclasses.replace(config, groups={**config.groups, "ml": ml})
+    live = live_file(config, current)
+    assert live == {"ml": {"accelerators": {"a100": 2}}}  # cms never changed: not there
+    # the administrator edits the YAML afterwards: what nobody set follows it
+    edited = parse_queue_config(
+        {"groups": {"ml": {"cpu": 16, "memory": "64Gi", "accelerators": {"t4": 1, "a100": 1},
+                           "max_running": 4},
+                    "cms": {"cpu": 6, "memory": "16Gi"}}},
+        CATALOGUE,
+    )  # fmt: skip
+    after_restart = overlay(edited, live)
+    assert after_restart.groups["ml"].cpu == 16 and after_restart.groups["ml"].memory == "64Gi"
+    assert after_restart.groups["ml"].accelerators == {"t4": 1, "a100": 2}
+    assert after_restart.groups["cms"].cpu == 6
+    # set back to the YAML's value: nothing left to keep
+    assert live_file(config, config) == {}
